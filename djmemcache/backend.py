@@ -1,0 +1,182 @@
+"""The Django cache backend: Django's semantics, nothing about sockets.
+
+Each method makes and validates the key, calls the process-wide ``Client``
+and shapes the result the way Django's own memcached backends do. Timeouts
+come from Django's ``BaseMemcachedCache.get_backend_timeout`` (None: never
+expire, 0: expire now, more than 30 days: absolute time).
+"""
+
+import re
+import threading
+
+import pymemcache
+from asgiref.sync import sync_to_async
+from django.core.cache.backends.base import (
+    DEFAULT_TIMEOUT,
+    InvalidCacheKey,
+    memcache_key_warnings,
+)
+from django.core.cache.backends.memcached import BaseMemcachedCache
+
+from djmemcache.client import MISS, Client, client_for
+from djmemcache.options import MAX_KEY_LENGTH, parse_options
+
+_BAD_KEY_CHAR = re.compile(r"[\x00-\x20\x7f]")
+
+_parsed = {}
+_parsed_lock = threading.Lock()
+
+
+def _options_for(server, params):
+    """Parse once per distinct settings: Django builds a backend per thread
+    and per async context, and each must find the same configuration."""
+    raw = params.get("OPTIONS") or {}
+    try:
+        cache_key = repr((server, sorted(raw.items(), key=lambda item: str(item[0]))))
+    except Exception:  # unsortable or unrepresentable options: just parse
+        return parse_options(server, raw)
+    options = _parsed.get(cache_key)
+    if options is None:
+        options = parse_options(server, raw)
+        with _parsed_lock:
+            _parsed[cache_key] = options
+    return options
+
+
+def _async(name):
+    """An ``a*`` method that runs the sync one in a worker thread.
+
+    Django's defaults use ``thread_sensitive=True``, which funnels every
+    cache call of the process through ONE thread; the pool is thread-safe,
+    so concurrent awaits here run concurrently.
+    """
+
+    async def method(self, *args, **kwargs):
+        return await sync_to_async(getattr(self, name), thread_sensitive=False)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = "a" + name
+    method.__doc__ = "Async version of ``%s``, run concurrently in a worker thread." % name
+    return method
+
+
+class PyMemcacheCache(BaseMemcachedCache):
+    """memcached through one process-wide connection pool per configuration."""
+
+    def __init__(self, server, params):
+        super().__init__(server, params, library=pymemcache, value_not_found_exception=KeyError)
+        self.config = _options_for(server, params)
+        self._max_key_bytes = MAX_KEY_LENGTH - len(self.config.key_prefix)
+        if self.config.use_pooling:
+            self._client = client_for(self.config)
+        else:
+            self._client = None
+
+    @property
+    def client(self):
+        """The ``Client`` this backend talks through (shared unless USE_POOLING is off)."""
+        if self._client is None:
+            self._client = Client(self.config)
+        return self._client
+
+    # Django's BaseMemcachedCache builds a pymemcache client here; ours is shared.
+    _cache = client
+
+    @property
+    def client_servers(self):
+        return [server.spec for server in self.config.servers]
+
+    def validate_key(self, key):
+        """Raise ``InvalidCacheKey`` for keys memcached cannot hold, before
+        anything is sent: control characters and spaces would be read as
+        protocol (command injection), and the limit is 250 bytes on the wire,
+        OPTIONS ``KEY_PREFIX`` included."""
+        if _BAD_KEY_CHAR.search(key) is None and (
+            len(key) <= self._max_key_bytes
+            if key.isascii()
+            else len(key.encode("utf-8")) <= self._max_key_bytes
+        ):
+            return
+        for warning in memcache_key_warnings(key):
+            raise InvalidCacheKey(warning)
+        raise InvalidCacheKey(
+            "Cache key will cause errors if used with memcached: %r (longer than %s "
+            "bytes once UTF-8 encoded with the KEY_PREFIX option)" % (key, self._max_key_bytes)
+        )
+
+    def get(self, key, default=None, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        value = self.client.get(key)
+        return default if value is MISS else value
+
+    def get_many(self, keys, version=None):
+        key_map = {self.make_and_validate_key(key, version=version): key for key in keys}
+        found = self.client.get_many(list(key_map))
+        return {key_map[k]: v for k, v in found.items()}
+
+    def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        if not self.client.set(key, value, self.get_backend_timeout(timeout)):
+            # Make sure the key doesn't keep its old value in case of failure
+            # to set (memcached's 1MB limit).
+            self.client.delete(key)
+
+    def add(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        return self.client.add(key, value, self.get_backend_timeout(timeout))
+
+    def set_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
+        safe_data = {}
+        original_keys = {}
+        for key, value in data.items():
+            safe_key = self.make_and_validate_key(key, version=version)
+            safe_data[safe_key] = value
+            original_keys[safe_key] = key
+        failed = self.client.set_many(safe_data, self.get_backend_timeout(timeout))
+        return [original_keys[k] for k in failed]
+
+    def touch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        return self.client.touch(key, self.get_backend_timeout(timeout))
+
+    def delete(self, key, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        return self.client.delete(key)
+
+    def delete_many(self, keys, version=None):
+        keys = [self.make_and_validate_key(key, version=version) for key in keys]
+        if keys:
+            self.client.delete_many(keys)
+
+    def incr(self, key, delta=1, version=None):
+        key = self.make_and_validate_key(key, version=version)
+        # memcached has no negative delta: incr(-n) is decr(n), as in Django.
+        value = self.client.incr(key, delta)
+        if value is None:
+            raise ValueError("Key '%s' not found" % key)
+        return value
+
+    def clear(self):
+        self.client.flush_all()
+
+    def close(self, **kwargs):
+        # Django calls this after every request. Pooled connections outlive
+        # requests by design; without pooling, behave like Django's backend.
+        if not self.config.use_pooling and self._client is not None:
+            self._client.close()
+
+    def stats(self):
+        """Per-server state and pool counts, for monitoring."""
+        return self.client.status()
+
+    aget = _async("get")
+    aget_many = _async("get_many")
+    aset = _async("set")
+    aadd = _async("add")
+    aset_many = _async("set_many")
+    atouch = _async("touch")
+    adelete = _async("delete")
+    adelete_many = _async("delete_many")
+    aincr = _async("incr")
+    adecr = _async("decr")
+    ahas_key = _async("has_key")
+    aclear = _async("clear")

@@ -1,0 +1,357 @@
+"""The process-wide client: routes keys to server pools and runs commands.
+
+``client_for(options)`` returns the one ``Client`` of a configuration, so the
+backend instances Django makes per thread and per async context all share
+one pool set. ``Client`` is where a command meets the network: take a
+connection, run the command, give it back or close it, blacklist the server
+on a timeout or refusal, and turn a failure into a miss when ``IGNORE_EXC``.
+
+Values are serialized before a connection is taken and decoded after it is
+given back, so a bad value or a corrupt item never touches a connection.
+"""
+
+import logging
+import os
+import random
+import threading
+import time
+
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+)
+
+from djmemcache.exceptions import DjmemcacheError, NoServerAvailable, PoolTimeout, ServerError
+from djmemcache.pool import Connection, HostPool
+from djmemcache.serializer import CorruptValue, PickleSerializer
+from djmemcache.servers import Blacklist, Rendezvous
+
+logger = logging.getLogger("djmemcache.client")
+
+MISS = object()
+
+# A reused connection that fails like this was most likely closed by the
+# server while it sat idle (restart, idle timeout) in the instant after the
+# staleness check: the command never ran, a fresh connection will do.
+_LOST_CONNECTION = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
+
+# Errors that say the server itself is unreachable or hung: blacklist it.
+_SERVER_DOWN = (TimeoutError, ConnectionRefusedError)
+
+
+class Client:
+    """All servers of one configuration, with a pool and a blacklist entry each."""
+
+    def __init__(self, options, connection_class=Connection):
+        self.options = options
+        self.servers = options.servers
+        clock = options.clock or time.monotonic
+        self.clock = clock
+        self.pools = tuple(HostPool(s, options, connection_class, clock) for s in self.servers)
+        self.blacklist = Blacklist(self.servers, options.blacklist_time, clock)
+        self.rendezvous = Rendezvous([s.node for s in self.servers])
+        self.serializer = PickleSerializer()
+        self.ignore_exc = options.ignore_exc
+        self._random = options.distribution == "random"
+
+    # -- choosing a server --------------------------------------------------
+
+    def _live(self):
+        blacklist = self.blacklist
+        if blacklist.next_probe is not None and self.clock() >= blacklist.next_probe:
+            self._probe()
+        live = blacklist.live
+        if not live:
+            raise NoServerAvailable(
+                "every memcached server is blacklisted: %s" % ", ".join(map(str, self.servers))
+            )
+        return live
+
+    def _index_for(self, key):
+        live = self._live()
+        if len(live) == 1:
+            return live[0]
+        if self._random:
+            return random.choice(live)
+        return self.rendezvous.choose(key, live)
+
+    def _group(self, keys):
+        """Keys by server index (one group in random mode: any server serves any key)."""
+        if self._random:
+            return {self._index_for(None): list(keys)} if keys else {}
+        groups = {}
+        for key in keys:
+            groups.setdefault(self._index_for(key), []).append(key)
+        return groups
+
+    def _probe(self):
+        """Let one caller try a server whose blacklist period is over."""
+        index = self.blacklist.claim_probe()
+        if index is None:
+            return
+        pool = self.pools[index]
+        try:
+            conn = pool.acquire()
+        except Exception as exc:
+            self.blacklist.ban(index, "probe failed: %s" % _describe(exc))
+            return
+        try:
+            conn.version()
+        except Exception as exc:
+            pool.discard(conn)
+            self.blacklist.ban(index, "probe failed: %s" % _describe(exc))
+        else:
+            pool.release(conn)
+            self.blacklist.restore(index)
+
+    # -- running one command on one server -----------------------------------
+
+    def _acquire(self, index):
+        pool = self.pools[index]
+        if self._random:
+            # Prefer any live server's idle connection, then open one to a random live server.
+            live = self.blacklist.live
+            start = random.randrange(len(live)) if len(live) > 1 else 0
+            for i in range(len(live)):
+                candidate = live[(start + i) % len(live)]
+                conn = self.pools[candidate].acquire(idle_only=True)
+                if conn is not None:
+                    return candidate, conn
+        try:
+            return index, pool.acquire()
+        except PoolTimeout:
+            raise
+        except OSError as exc:
+            raise self._server_failed(index, "connect", exc) from exc
+
+    def _call(self, index, command, method, *args, retry=False):
+        """Run ``method(connection, *args)`` on server ``index``.
+
+        ``retry``: the command may run twice without changing the outcome
+        (get, set, delete, touch), so if a reused connection turns out to be
+        closed by the server, it is retried once on a fresh one. incr, decr
+        and add are never retried: a lost reply may hide a success.
+        """
+        index, conn = self._acquire(index)
+        pool = self.pools[index]
+        try:
+            result = method(conn, *args)
+        except Exception as exc:
+            pool.discard(conn)
+            if retry and conn.reused and isinstance(exc, _LOST_CONNECTION):
+                logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
+                return self._call(index, command, method, *args)
+            if isinstance(exc, (MemcacheClientError, MemcacheServerError)):
+                raise  # a complete reply about this command: no fault of the server's
+            raise self._server_failed(index, command, exc) from exc
+        pool.release(conn)
+        return result
+
+    def _server_failed(self, index, command, exc):
+        server = self.servers[index]
+        reason = "%s %s" % (command, _describe(exc))
+        if isinstance(exc, _SERVER_DOWN) or (command == "connect" and isinstance(exc, OSError)):
+            if self.blacklist.ban(index, reason):
+                self.pools[index].clear_idle()
+        return ServerError(
+            "memcached server %s: %s" % (server, reason), server=str(server), command=command
+        )
+
+    def _failed(self, exc, command, miss):
+        """A server-side failure: the miss value when ignoring errors, else raise."""
+        if not self.ignore_exc:
+            raise exc
+        if isinstance(exc, NoServerAvailable):
+            logger.debug("%s: %s", command, exc)  # the blacklist already logged each server
+        else:
+            logger.warning("%s ignored (IGNORE_EXC): %s", command, exc)
+        return miss
+
+    def _decode(self, key, raw):
+        try:
+            return self.serializer.loads(*raw)
+        except CorruptValue as exc:
+            logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
+            return MISS
+
+    # -- the commands the backend uses --------------------------------------
+
+    def get(self, key):
+        try:
+            raw = self._call(self._index_for(key), "get", Connection.get, key, retry=True)
+        except DjmemcacheError as exc:
+            return self._failed(exc, "get", MISS)
+        return MISS if raw is None else self._decode(key, raw)
+
+    def get_many(self, keys):
+        found = {}
+        try:
+            groups = self._group(keys)
+        except DjmemcacheError as exc:
+            return self._failed(exc, "get_many", found)
+        for index, group in groups.items():
+            try:
+                raws = self._call(index, "get", Connection.get_many, group, retry=True)
+            except DjmemcacheError as exc:
+                self._failed(exc, "get_many", None)
+                continue
+            for key, raw in raws.items():
+                value = self._decode(key, raw)
+                if value is not MISS:
+                    found[key] = value
+        return found
+
+    def _store(self, command, key, value, expire):
+        data = self.serializer.dumps(value)
+        method = Connection.set if command == "set" else Connection.add
+        try:
+            return bool(self._call(
+                self._index_for(key), command, method, key, data, expire,
+                retry=command == "set",
+            ))
+        except MemcacheServerError as exc:
+            logger.warning("%s of key %r refused by memcached: %s", command, key, exc)
+            return False
+        except DjmemcacheError as exc:
+            return self._failed(exc, command, False)
+
+    def set(self, key, value, expire):
+        return self._store("set", key, value, expire)
+
+    def add(self, key, value, expire):
+        return self._store("add", key, value, expire)
+
+    def set_many(self, mapping, expire):
+        """Store every item; return the keys that were not stored."""
+        data = {key: self.serializer.dumps(value) for key, value in mapping.items()}
+        failed = []
+        try:
+            groups = self._group(data)
+        except DjmemcacheError as exc:
+            return self._failed(exc, "set_many", list(data))
+        for index, group in groups.items():
+            items = {key: data[key] for key in group}
+            try:
+                failed += self._call(index, "set", Connection.set_many, items, expire, retry=True)
+            except MemcacheServerError:
+                # One value was refused (too large) and pymemcache stopped there:
+                # store them one by one to learn which, as set is idempotent.
+                for key, item in items.items():
+                    if not self._store_raw(index, key, item, expire):
+                        failed.append(key)
+            except DjmemcacheError as exc:
+                failed += self._failed(exc, "set_many", group)
+        return failed
+
+    def _store_raw(self, index, key, item, expire):
+        try:
+            return bool(self._call(index, "set", Connection.set, key, item, expire, retry=True))
+        except MemcacheServerError as exc:
+            logger.warning("set of key %r refused by memcached: %s", key, exc)
+            return False
+        except DjmemcacheError as exc:
+            return self._failed(exc, "set", False)
+
+    def delete(self, key):
+        try:
+            return bool(self._call(self._index_for(key), "delete", Connection.delete, key, retry=True))
+        except DjmemcacheError as exc:
+            return self._failed(exc, "delete", False)
+
+    def delete_many(self, keys):
+        try:
+            groups = self._group(keys)
+        except DjmemcacheError as exc:
+            return self._failed(exc, "delete_many", None)
+        for index, group in groups.items():
+            try:
+                self._call(index, "delete", Connection.delete_many, group, retry=True)
+            except DjmemcacheError as exc:
+                self._failed(exc, "delete_many", None)
+
+    def touch(self, key, expire):
+        try:
+            return bool(self._call(self._index_for(key), "touch", Connection.touch, key, expire, retry=True))
+        except DjmemcacheError as exc:
+            return self._failed(exc, "touch", False)
+
+    def incr(self, key, delta):
+        """New value, or None when the key is missing (or the server failed and errors are ignored)."""
+        method, delta = (Connection.incr, delta) if delta >= 0 else (Connection.decr, -delta)
+        try:
+            return self._call(self._index_for(key), "incr", method, key, delta)
+        except DjmemcacheError as exc:
+            return self._failed(exc, "incr", None)
+
+    def flush_all(self):
+        for index in range(len(self.servers)):
+            if index not in self.blacklist.live:
+                continue
+            try:
+                self._call(index, "flush_all", Connection.flush_all, 0, retry=True)
+            except DjmemcacheError as exc:
+                self._failed(exc, "flush_all", None)
+
+    # -- introspection and shutdown -----------------------------------------
+
+    def status(self):
+        """Per server: where it stands and what its pool holds."""
+        result = []
+        for index, server in enumerate(self.servers):
+            banned = self.blacklist.state(index)
+            entry = {"server": str(server), "state": "blacklisted" if banned else "up"}
+            if banned:
+                entry["blacklisted_for"] = max(0.0, banned[0] - self.clock())
+                entry["reason"] = banned[1]
+            entry.update(self.pools[index].status())
+            result.append(entry)
+        return result
+
+    def close(self):
+        for pool in self.pools:
+            pool.clear_idle()
+
+    def __repr__(self):
+        return "<Client %s>" % " ".join(repr(p) for p in self.pools)
+
+
+def _describe(exc):
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
+_registry = {}
+_registry_lock = threading.Lock()
+
+
+def client_for(options):
+    """The one process-wide ``Client`` for this configuration."""
+    client = _registry.get(options)
+    if client is None:
+        with _registry_lock:
+            client = _registry.get(options)
+            if client is None:
+                client = _registry[options] = Client(options)
+    return client
+
+
+def reset_registry():
+    """Close every pooled connection and forget all clients (tests, shutdown)."""
+    with _registry_lock:
+        clients = list(_registry.values())
+        _registry.clear()
+    for client in clients:
+        client.close()
+
+
+def _reset_lock_after_fork():
+    global _registry_lock
+    _registry_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_reset_lock_after_fork)

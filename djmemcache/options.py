@@ -1,0 +1,179 @@
+"""LOCATION and OPTIONS, parsed and validated once, into a frozen ``Options``.
+
+Every check lives here, so a typo fails when the cache is first built,
+naming the option, instead of at the first cache hit. ``Options`` is
+hashable: the process-wide pool registry is keyed on the whole of it.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+
+from django.core.exceptions import ImproperlyConfigured
+
+from djmemcache.servers import parse_server
+
+MAX_KEY_LENGTH = 250  # memcached's limit, in bytes, prefix included
+DEFAULT_LOCATION = "127.0.0.1:11211"
+DISTRIBUTIONS = ("consistent", "random")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The normalised configuration of one cache; field names are the
+    lower-cased option names."""
+
+    servers: tuple
+    max_pool_size: int = 2**31
+    key_prefix: bytes = b""
+    timeout: float = None  # socket timeout (djmemcache 0.13's meaning), not the expiry
+    connect_timeout: float = None  # defaults to ``timeout``
+    ignore_exc: bool = True
+    use_pooling: bool = True
+    blacklist_time: float = 60.0
+    pool_timeout: float = 1.0
+    distribution: str = "consistent"
+    no_delay: bool = True
+    pool_idle_timeout: float = 0.0
+    allow_unicode_keys: bool = True
+    # Not a user option: lets tests drive blacklist expiry without sleeping.
+    clock: object = field(default=None, compare=True)
+
+    @property
+    def effective_connect_timeout(self):
+        return self.timeout if self.connect_timeout is None else self.connect_timeout
+
+
+#: pymemcache HashClient arguments that djmemcache 0.13 passed through, mapped
+#: to the option that now means the same thing.
+ALIASES = {
+    "dead_timeout": "blacklist_time",
+}
+
+#: pymemcache arguments 0.13 accepted that no longer mean anything here.
+REJECTED = {
+    "retry_attempts": "djmemcache blacklists a server on its first timeout or refused "
+                      "connection; tune BLACKLIST_TIME instead",
+    "retry_timeout": "djmemcache blacklists a server on its first timeout or refused "
+                     "connection; tune BLACKLIST_TIME instead",
+    "hasher": "placement is fixed to pymemcache's rendezvous hashing (DISTRIBUTION='consistent') "
+              "or DISTRIBUTION='random'",
+    "default_noreply": "djmemcache always waits for replies so that failures are seen",
+    "socket_module": "djmemcache uses the standard socket module",
+    "lock_generator": "djmemcache's pool uses threading locks",
+    "encoding": "keys are always UTF-8 on the wire",
+    "serde": "values use pymemcache's pickle format, as Django's PyMemcacheCache",
+    "serializer": "values use pymemcache's pickle format, as Django's PyMemcacheCache",
+    "deserializer": "values use pymemcache's pickle format, as Django's PyMemcacheCache",
+    "max_entries": "memcached evicts entries by itself",
+    "cull_frequency": "memcached evicts entries by itself",
+}
+
+_OPTION_NAMES = tuple(f.name for f in fields(Options) if f.name not in ("servers", "clock"))
+_BAD_KEY_CHARS = re.compile(rb"[\x00-\x20\x7f]")
+
+
+def accepted_names():
+    return ", ".join(name.upper() for name in _OPTION_NAMES)
+
+
+def _bad(name, value, expected):
+    return ImproperlyConfigured(
+        "djmemcache: OPTIONS[%r] = %r is invalid: expected %s." % (name.upper(), value, expected)
+    )
+
+
+def _number(name, value, minimum=0.0, allow_none=False, positive=False):
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (positive and value <= 0):
+        expected = "a number of seconds %s %s" % (">" if positive else ">=", minimum)
+        raise _bad(name, value, expected + (" or None" if allow_none else ""))
+    return float(value)
+
+
+def _flag(name, value):
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise _bad(name, value, "True or False")
+
+
+def _key_prefix(value):
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if not isinstance(value, bytes):
+        raise _bad("key_prefix", value, "bytes or str")
+    if _BAD_KEY_CHARS.search(value):
+        raise _bad("key_prefix", value, "no spaces or control characters (memcached cannot hold them)")
+    if len(value) >= MAX_KEY_LENGTH - 10:
+        raise _bad("key_prefix", value, "fewer than %d bytes, leaving room for keys" % (MAX_KEY_LENGTH - 10))
+    return value
+
+
+def parse_location(location):
+    """Split LOCATION as Django does (a list, or a string split on ``;`` or ``,``)."""
+    if location is None or location == "" or location == []:
+        specs = [DEFAULT_LOCATION]
+    elif isinstance(location, str):
+        specs = [s for s in re.split("[;,]", location) if s.strip()] or [DEFAULT_LOCATION]
+    elif isinstance(location, (list, tuple)):
+        specs = list(location) or [DEFAULT_LOCATION]
+    else:
+        raise ImproperlyConfigured(
+            "djmemcache: LOCATION must be a string or a list of strings, not %r" % (location,)
+        )
+    servers = []
+    for spec in specs:
+        try:
+            server = parse_server(spec)
+        except ValueError as exc:
+            raise ImproperlyConfigured("djmemcache: LOCATION entry %r: %s" % (spec, exc)) from None
+        if any(s.node == server.node for s in servers):
+            raise ImproperlyConfigured("djmemcache: LOCATION lists %r twice" % (spec,))
+        servers.append(server)
+    return tuple(servers)
+
+
+def parse_options(location, options=None, clock=None):
+    """Validate LOCATION and OPTIONS; return ``Options`` or raise
+    ``ImproperlyConfigured`` naming the option."""
+    values = {}
+    for raw_name, value in (options or {}).items():
+        if not isinstance(raw_name, str):
+            raise ImproperlyConfigured("djmemcache: option names must be strings, got %r" % (raw_name,))
+        name = raw_name.lower()
+        name = ALIASES.get(name, name)
+        if name in REJECTED:
+            raise ImproperlyConfigured(
+                "djmemcache: OPTIONS[%r] is not supported: %s." % (raw_name, REJECTED[name])
+            )
+        if name not in _OPTION_NAMES:
+            raise ImproperlyConfigured(
+                "djmemcache: unknown option %r. Accepted options: %s." % (raw_name, accepted_names())
+            )
+        if name in values:
+            raise ImproperlyConfigured("djmemcache: option %r is given twice" % (raw_name,))
+        values[name] = value
+
+    parsed = {}
+    for name, value in values.items():
+        if name == "max_pool_size":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _bad(name, value, "a whole number >= 1")
+        elif name == "key_prefix":
+            value = _key_prefix(value)
+        elif name in ("timeout", "connect_timeout"):
+            value = _number(name, value, allow_none=True, positive=True)
+        elif name == "pool_timeout":
+            value = _number(name, value, allow_none=True)
+        elif name in ("blacklist_time", "pool_idle_timeout"):
+            value = _number(name, value)
+        elif name == "distribution":
+            if not isinstance(value, str) or value.lower() not in DISTRIBUTIONS:
+                raise _bad(name, value, " or ".join(repr(d) for d in DISTRIBUTIONS))
+            value = value.lower()
+        else:
+            value = _flag(name, value)
+        parsed[name] = value
+    return Options(servers=parse_location(location), clock=clock, **parsed)

@@ -1,0 +1,244 @@
+"""A bounded LIFO pool of connections to one memcached server.
+
+One ``HostPool`` per server per configuration per process, shared by every
+thread. Rules that keep replies from crossing between callers:
+
+- a connection that saw any error is closed (``discard``), never returned;
+- an idle connection the server closed meanwhile (restart, idle timeout) is
+  noticed before use (``Connection.is_stale``) and replaced;
+- after ``fork()`` the child forgets every inherited connection.
+
+No network I/O happens while the pool lock is held: the lock only moves
+connections between "idle" and "in use" and counts slots.
+"""
+
+import logging
+import os
+import select
+import threading
+import time
+import weakref
+
+from pymemcache.client.base import Client as _PymemcacheClient
+
+from djmemcache.exceptions import PoolTimeout
+
+logger = logging.getLogger("djmemcache.pool")
+
+
+class _RawSerde:
+    """Values cross the connection as ``(bytes, flags)``: serializing happens
+    before a connection is taken (a bad value never touches the pool) and
+    decoding after it is given back (a corrupt item never closes one)."""
+
+    @staticmethod
+    def serialize(key, value):
+        return value
+
+    @staticmethod
+    def deserialize(key, value, flags):
+        return value, flags
+
+
+_RAW = _RawSerde()
+
+
+class Connection(_PymemcacheClient):
+    """One socket to one server, speaking memcached's text protocol through
+    pymemcache's ``Client``; adds an eager connect and a staleness check."""
+
+    reused = False  # True once it has been back in the pool: a retry is only useful then
+    idle_since = 0.0
+
+    def __init__(self, server, options):
+        super().__init__(
+            server.address,
+            serde=_RAW,
+            connect_timeout=options.effective_connect_timeout,
+            timeout=options.timeout,
+            no_delay=options.no_delay,
+            key_prefix=options.key_prefix,
+            default_noreply=False,
+            allow_unicode_keys=True,
+        )
+        self._poller = None
+
+    def connect(self):
+        self._connect()
+
+    def _connect(self):
+        super()._connect()
+        self._poller = select.poll()
+        self._poller.register(self.sock, select.POLLIN)
+
+    def is_stale(self):
+        """True when an idle connection is unusable: closed, or readable.
+
+        Nothing should arrive on an idle memcached connection, so readable
+        means the server closed it (EOF/RST) or sent something we must not
+        read as the next reply.
+        """
+        return self.sock is None or bool(self._poller.poll(0))
+
+
+_POOLS = weakref.WeakSet()
+
+
+class HostPool:
+    """Connections to one server: at most ``max_size``, reused last-in first-out.
+
+    LIFO keeps the few busiest sockets warm and lets surplus ones sit idle;
+    a caller that finds every slot taken waits up to ``wait_timeout`` seconds
+    for one, then gets ``PoolTimeout``.
+    """
+
+    connection_class = Connection
+
+    def __init__(self, server, options, connection_class=None, clock=time.monotonic):
+        self.server = server
+        self.options = options
+        if connection_class is not None:
+            self.connection_class = connection_class
+        self.max_size = options.max_pool_size
+        self.wait_timeout = options.pool_timeout
+        self.idle_timeout = options.pool_idle_timeout
+        self.clock = clock
+        self.opened = 0  # connections opened by this process, for stats and tests
+        self._reset_state()
+        _POOLS.add(self)
+
+    def _reset_state(self):
+        self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        self._idle = []
+        self._size = 0  # slots taken: idle + in use + being opened
+        self._waiting = 0
+        self._pid = os.getpid()
+
+    # -- taking and giving back -------------------------------------------
+
+    def acquire(self, idle_only=False):
+        """Return a connection ready for one command.
+
+        With ``idle_only``, return an idle connection or None, never opening
+        or waiting (random distribution tries every server's idle ones first).
+        Raises ``PoolTimeout``, or the ``OSError`` of a failed connect.
+        """
+        with self._lock:
+            if self._idle:
+                conn = self._idle.pop()
+            elif idle_only:
+                return None
+            elif self._size < self.max_size:
+                self._size += 1
+                conn = None
+            else:
+                conn = self._wait_for_slot()
+        if conn is None:
+            return self._open()
+        if conn.is_stale() or (
+            self.idle_timeout and self.clock() - conn.idle_since > self.idle_timeout
+        ):
+            conn.close()  # the slot stays ours: open a new connection in it
+            return self._open()
+        return conn
+
+    def _wait_for_slot(self):
+        # Called with the lock held; returns an idle connection or None for a free slot.
+        deadline = None if self.wait_timeout is None else time.monotonic() + self.wait_timeout
+        self._waiting += 1
+        try:
+            while True:
+                if self._idle:
+                    return self._idle.pop()
+                if self._size < self.max_size:
+                    self._size += 1
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise PoolTimeout(
+                        "no connection to memcached server %s became free within %ss "
+                        "(MAX_POOL_SIZE=%d)" % (self.server, self.wait_timeout, self.max_size),
+                        server=str(self.server),
+                    )
+                self._freed.wait(remaining)
+        finally:
+            self._waiting -= 1
+
+    def _open(self):
+        conn = self.connection_class(self.server, self.options)
+        try:
+            conn.connect()
+        except BaseException:
+            self._free_slot()
+            raise
+        conn.pid = self._pid
+        with self._lock:
+            self.opened += 1
+            count = self._size
+        logger.debug("new connection to %s (%d in this pool)", self.server, count)
+        return conn
+
+    def release(self, conn):
+        """Give back a connection whose last command completed cleanly."""
+        if conn.pid != self._pid:
+            conn.close()  # opened before a fork: its slot belongs to the parent
+            return
+        conn.reused = True
+        if self.idle_timeout:
+            conn.idle_since = self.clock()
+        with self._lock:
+            self._idle.append(conn)
+            if self._waiting:
+                self._freed.notify()
+
+    def discard(self, conn):
+        """Close a connection that saw an error and free its slot."""
+        conn.close()
+        if conn.pid == self._pid:
+            self._free_slot()
+
+    def _free_slot(self):
+        with self._lock:
+            self._size -= 1
+            if self._waiting:
+                self._freed.notify()
+
+    # -- housekeeping -------------------------------------------------------
+
+    def clear_idle(self):
+        """Close every idle connection (the server was blacklisted, or at exit)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._size -= len(idle)
+            if self._waiting:
+                self._freed.notify_all()
+        for conn in idle:
+            conn.close()
+
+    def _forget_after_fork(self):
+        # In a forked child: the parent owns these sockets. Closing our copy
+        # of the descriptor does not disturb the parent's connection.
+        for conn in self._idle:
+            conn.close()
+        self._reset_state()
+
+    def status(self):
+        with self._lock:
+            idle = len(self._idle)
+            return {"in_use": self._size - idle, "idle": idle, "opened": self.opened}
+
+    def __repr__(self):
+        s = self.status()
+        return "<HostPool %s in_use=%d idle=%d max=%d opened=%d>" % (
+            self.server, s["in_use"], s["idle"], self.max_size, s["opened"],
+        )
+
+
+def _after_fork_in_child():
+    for pool in list(_POOLS):
+        pool._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
