@@ -18,6 +18,7 @@ from django.core.cache.backends.base import (
 )
 from django.core.cache.backends.memcached import BaseMemcachedCache
 
+from djmemcache import checks  # noqa: F401 - registers the system checks
 from djmemcache.client import MISS, Client, client_for
 from djmemcache.options import MAX_KEY_LENGTH, parse_options
 

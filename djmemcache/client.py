@@ -107,17 +107,25 @@ class Client:
 
     # -- running one command on one server -----------------------------------
 
-    def _acquire(self, index):
+    def _acquire(self, index, anywhere):
         pool = self.pools[index]
-        if self._random:
+        if anywhere:
             # Prefer any live server's idle connection, then open one to a random live server.
             live = self.blacklist.live
             start = random.randrange(len(live)) if len(live) > 1 else 0
             for i in range(len(live)):
                 candidate = live[(start + i) % len(live)]
-                conn = self.pools[candidate].acquire(idle_only=True)
+                try:
+                    conn = self.pools[candidate].acquire(idle_only=True)
+                except OSError as exc:  # a stale idle connection, and the reconnect failed
+                    self._server_failed(candidate, "connect", exc)
+                    continue
                 if conn is not None:
                     return candidate, conn
+            if index not in self.blacklist.live:
+                live = self._live()
+                index = random.choice(live)
+                pool = self.pools[index]
         try:
             return index, pool.acquire()
         except PoolTimeout:
@@ -125,7 +133,7 @@ class Client:
         except OSError as exc:
             raise self._server_failed(index, "connect", exc) from exc
 
-    def _call(self, index, command, method, *args, retry=False):
+    def _call(self, index, command, method, *args, retry=False, anywhere=None):
         """Run ``method(connection, *args)`` on server ``index``.
 
         ``retry``: the command may run twice without changing the outcome
@@ -133,7 +141,9 @@ class Client:
         closed by the server, it is retried once on a fresh one. incr, decr
         and add are never retried: a lost reply may hide a success.
         """
-        index, conn = self._acquire(index)
+        if anywhere is None:
+            anywhere = self._random  # random distribution: any live server serves any key
+        index, conn = self._acquire(index, anywhere)
         pool = self.pools[index]
         try:
             result = method(conn, *args)
@@ -141,7 +151,7 @@ class Client:
             pool.discard(conn)
             if retry and conn.reused and isinstance(exc, _LOST_CONNECTION):
                 logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
-                return self._call(index, command, method, *args)
+                return self._call(index, command, method, *args, anywhere=anywhere)
             if isinstance(exc, (MemcacheClientError, MemcacheServerError)):
                 raise  # a complete reply about this command: no fault of the server's
             raise self._server_failed(index, command, exc) from exc
@@ -151,9 +161,12 @@ class Client:
     def _server_failed(self, index, command, exc):
         server = self.servers[index]
         reason = "%s %s" % (command, _describe(exc))
+        banned = False
         if isinstance(exc, _SERVER_DOWN) or (command == "connect" and isinstance(exc, OSError)):
-            if self.blacklist.ban(index, reason):
+            banned = self.blacklist.ban(index, reason)
+            if banned:
                 self.pools[index].clear_idle()
+        self.pools[index].record_failure(isinstance(exc, TimeoutError), banned)
         return ServerError(
             "memcached server %s: %s" % (server, reason), server=str(server), command=command
         )
@@ -289,24 +302,33 @@ class Client:
             if index not in self.blacklist.live:
                 continue
             try:
-                self._call(index, "flush_all", Connection.flush_all, 0, retry=True)
+                self._call(index, "flush_all", Connection.flush_all, 0, retry=True, anywhere=False)
             except DjmemcacheError as exc:
                 self._failed(exc, "flush_all", None)
 
     # -- introspection and shutdown -----------------------------------------
 
     def status(self):
-        """Per server: where it stands and what its pool holds."""
+        """Per server: where it stands, what its pool holds, and its counters
+        (``opened``, ``hits``, ``misses``, ``errors``, ``timeouts``,
+        ``blacklistings``) since the process started."""
         result = []
         for index, server in enumerate(self.servers):
             banned = self.blacklist.state(index)
-            entry = {"server": str(server), "state": "blacklisted" if banned else "up"}
+            entry = {"server": str(server), "state": "blacklisted" if banned else "up",
+                     "blacklisted_for": None, "reason": None}
             if banned:
                 entry["blacklisted_for"] = max(0.0, banned[0] - self.clock())
                 entry["reason"] = banned[1]
             entry.update(self.pools[index].status())
+            entry.update(self.pools[index].counters())
             result.append(entry)
         return result
+
+    def server_stats(self, index):
+        """memcached's own ``stats`` of server ``index``, over a pooled connection;
+        raises ``ServerError`` when it cannot be reached."""
+        return self._call(index, "stats", Connection.stats, anywhere=False)
 
     def close(self):
         for pool in self.pools:

@@ -5,6 +5,7 @@ naming the option, instead of at the first cache hit. ``Options`` is
 hashable: the process-wide pool registry is keyed on the whole of it.
 """
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -149,8 +150,11 @@ def parse_options(location, options=None, clock=None):
                 "djmemcache: OPTIONS[%r] is not supported: %s." % (raw_name, REJECTED[name])
             )
         if name not in _OPTION_NAMES:
+            close = difflib.get_close_matches(name, _OPTION_NAMES, n=1)
+            hint = " Did you mean %r?" % close[0].upper() if close else ""
             raise ImproperlyConfigured(
-                "djmemcache: unknown option %r. Accepted options: %s." % (raw_name, accepted_names())
+                "djmemcache: unknown option %r.%s Accepted options: %s."
+                % (raw_name, hint, accepted_names())
             )
         if name in values:
             raise ImproperlyConfigured("djmemcache: option %r is given twice" % (raw_name,))

@@ -71,6 +71,23 @@ class Connection(_PymemcacheClient):
         self._poller = select.poll()
         self._poller.register(self.sock, select.POLLIN)
 
+    hits = 0  # since it was last given back; the pool adds these to its counters
+    misses = 0
+
+    def get(self, key, default=None):
+        raw = super().get(key)
+        if raw is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return raw
+
+    def get_many(self, keys):
+        found = super().get_many(keys)
+        self.hits += len(found)
+        self.misses += len(keys) - len(found)
+        return found
+
     def is_stale(self):
         """True when an idle connection is unusable: closed, or readable.
 
@@ -103,7 +120,6 @@ class HostPool:
         self.wait_timeout = options.pool_timeout
         self.idle_timeout = options.pool_idle_timeout
         self.clock = clock
-        self.opened = 0  # connections opened by this process, for stats and tests
         self._reset_state()
         _POOLS.add(self)
 
@@ -114,6 +130,8 @@ class HostPool:
         self._size = 0  # slots taken: idle + in use + being opened
         self._waiting = 0
         self._pid = os.getpid()
+        self.opened = 0  # connections opened by this process, for stats and tests
+        self.hits = self.misses = self.errors = self.timeouts = self.blacklistings = 0
 
     # -- taking and giving back -------------------------------------------
 
@@ -188,6 +206,9 @@ class HostPool:
         if self.idle_timeout:
             conn.idle_since = self.clock()
         with self._lock:
+            self.hits += conn.hits
+            self.misses += conn.misses
+            conn.hits = conn.misses = 0
             self._idle.append(conn)
             if self._waiting:
                 self._freed.notify()
@@ -197,6 +218,12 @@ class HostPool:
         conn.close()
         if conn.pid == self._pid:
             self._free_slot()
+
+    def record_failure(self, timeout, blacklisted):
+        with self._lock:
+            self.errors += 1
+            self.timeouts += bool(timeout)
+            self.blacklistings += bool(blacklisted)
 
     def _free_slot(self):
         with self._lock:
@@ -227,6 +254,11 @@ class HostPool:
         with self._lock:
             idle = len(self._idle)
             return {"in_use": self._size - idle, "idle": idle, "opened": self.opened}
+
+    def counters(self):
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "errors": self.errors,
+                    "timeouts": self.timeouts, "blacklistings": self.blacklistings}
 
     def __repr__(self):
         s = self.status()

@@ -1,0 +1,275 @@
+"""Django's cache semantics against real memcached, and the process-wide pool."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from django.core.cache import InvalidCacheKey, caches
+from django.core.cache.backends.memcached import PyMemcacheCache as DjangoPyMemcacheCache
+from django.test import override_settings
+
+from djmemcache.backend import PyMemcacheCache
+from djmemcache.client import client_for
+from helpers import raw_command, request, run_threads
+
+BACKEND = "djmemcache.backend.PyMemcacheCache"
+OLD_013_OPTIONS = {
+    "MAX_POOL_SIZE": 100,
+    "KEY_PREFIX": b"uuboard_prefix",
+    "TIMEOUT": 30,
+    "CONNECT_TIMEOUT": 30,
+    "IGNORE_EXC": True,
+    "USE_POOLING": True,
+}
+
+
+def test_djmemcache_013_settings_example_works_verbatim(mc1):
+    settings = {"default": {"BACKEND": BACKEND, "LOCATION": mc1.location, "OPTIONS": dict(OLD_013_OPTIONS)}}
+    with override_settings(CACHES=settings):
+        cache = caches["default"]
+        cache.set("greeting", "hello")
+        assert cache.get("greeting") == "hello"
+        # KEY_PREFIX of OPTIONS is prepended on the wire, before Django's key.
+        reply = raw_command(mc1.location, b"get uuboard_prefix:1:greeting\r\n")
+        assert reply.startswith(b"VALUE uuboard_prefix:1:greeting 16 5\r\nhello\r\n")
+
+
+def test_every_thread_shares_one_client_and_close_keeps_connections(mc1):
+    settings = {"default": {"BACKEND": BACKEND, "LOCATION": mc1.location}}
+    seen = []
+    with override_settings(CACHES=settings):
+        def work(i):
+            for n in range(20):
+                def one():
+                    cache = caches["default"]
+                    seen.append(cache.client)
+                    cache.set("k%d" % i, n)
+                    assert cache.get("k%d" % i) == n
+                request(one)
+
+        before = mc1.stats()["total_connections"]
+        assert run_threads(8, work) == []
+        opened = mc1.stats()["total_connections"] - before - 1  # minus the stats call's own
+    assert len({id(c) for c in seen}) == 1
+    # 160 requests in 8 threads: at most one connection per busy thread.
+    assert 1 <= opened <= 8
+
+
+def test_connections_stay_within_max_pool_size_with_32_threads(mc3):
+    locations = [m.location for m in mc3]
+    settings = {"default": {"BACKEND": BACKEND, "LOCATION": locations,
+                            "OPTIONS": {"MAX_POOL_SIZE": 3, "POOL_TIMEOUT": 10, "IGNORE_EXC": False}}}
+    with override_settings(CACHES=settings):
+        def work(i):
+            for n in range(30):
+                def one():
+                    cache = caches["default"]
+                    cache.set("k%d-%d" % (i, n % 5), n)
+                    cache.get("k%d-%d" % (i, (n + 1) % 5))
+                    cache.get_many(["k%d-%d" % (i, j) for j in range(5)])
+                request(one)
+
+        before = [m.stats()["total_connections"] for m in mc3]
+        assert run_threads(32, work) == []
+        opened = [m.stats()["total_connections"] - b - 1 for m, b in zip(mc3, before)]
+        pools = caches["default"].client.pools
+    assert all(n <= 3 for n in opened), opened
+    assert sum(p.opened for p in pools) == sum(opened)  # 960 requests, at most 9 connections
+
+
+def test_timeout_none_is_forever_zero_expires_now_and_long_is_absolute(make_cache, mc1):
+    cache = make_cache(mc1.location)
+    cache.set("forever", 1, timeout=None)
+    cache.set("now", 1, timeout=0)
+    cache.set("long", 1, timeout=60 * 60 * 24 * 31)  # sent as an absolute time
+    assert cache.get("forever") == 1
+    assert cache.get("now") is None
+    assert cache.get("long") == 1
+    assert cache.get_backend_timeout(60 * 60 * 24 * 31) > time.time()
+
+
+def test_versions_and_key_function(make_cache, mc1):
+    cache = make_cache(mc1.location, KEY_FUNCTION=lambda key, prefix, version: "custom-%s-%s" % (version, key))
+    cache.set("answer", 42, version=2)
+    assert cache.get("answer") is None
+    assert cache.get("answer", version=2) == 42
+    assert raw_command(mc1.location, b"get custom-2-answer\r\n").startswith(b"VALUE custom-2-answer 2 2\r\n42")
+    cache.incr_version("answer", version=2)
+    assert cache.get("answer", version=3) == 42
+
+
+def test_full_api_round_trip(make_cache, mc3):
+    cache = make_cache([m.location for m in mc3])
+    assert cache.add("a", 1) is True and cache.add("a", 2) is False
+    assert cache.get("a") == 1 and cache.get("missing", "dflt") == "dflt"
+    assert cache.set_many({"b": b"bytes", "c": "text", "d": {"x": [1]}}) == []
+    assert cache.get_many(["a", "b", "c", "d", "nope"]) == {"a": 1, "b": b"bytes", "c": "text", "d": {"x": [1]}}
+    assert cache.incr("a", 10) == 11 and cache.decr("a", 20) == 0
+    assert cache.touch("a", 100) is True and cache.touch("nope") is False
+    assert cache.has_key("b") and not cache.has_key("nope")
+    assert cache.get_or_set("e", lambda: "made") == "made"
+    assert cache.delete("b") is True and cache.delete("b") is False
+    cache.delete_many(["c", "d"])
+    assert cache.get_many(["c", "d"]) == {}
+    cache.clear()
+    assert cache.get("a") is None
+
+
+def test_incr_and_decr_of_missing_key_raise_value_error(make_cache, mc1):
+    cache = make_cache(mc1.location)
+    with pytest.raises(ValueError):
+        cache.incr("nope")
+    with pytest.raises(ValueError):
+        cache.decr("nope")
+
+
+@pytest.mark.parametrize("key", ["has space", "crlf\r\nflush_all", "tab\tkey", "nul\x00", "del\x7f", "x" * 251])
+def test_invalid_key_raises_and_never_reaches_the_wire(make_cache, mc1, key):
+    cache = make_cache(mc1.location)
+    cache.set("sentinel", "still here")
+    before = mc1.stats()
+    for call in (lambda: cache.get(key), lambda: cache.set(key, 1), lambda: cache.delete(key),
+                 lambda: cache.get_many(["ok", key]), lambda: cache.set_many({key: 1}),
+                 lambda: cache.incr(key), lambda: cache.add(key, 1), lambda: cache.touch(key)):
+        with pytest.raises(InvalidCacheKey):
+            call()
+    after = mc1.stats()
+    for stat in ("cmd_get", "cmd_set", "cmd_flush", "cmd_touch", "delete_misses", "delete_hits"):
+        assert after[stat] == before[stat], stat
+    assert cache.get("sentinel") == "still here"
+
+
+def test_key_prefix_option_counts_in_the_250_byte_limit(make_cache, mc1):
+    cache = make_cache(mc1.location, {"KEY_PREFIX": "p" * 50})
+    cache.set("k" * (250 - 50 - 3), 1)  # ":1:" + key + prefix = 250 bytes
+    assert cache.get("k" * (250 - 50 - 3)) == 1
+    with pytest.raises(InvalidCacheKey, match="longer than 200"):
+        cache.get("k" * (250 - 50 - 2))
+
+
+def test_non_ascii_keys_work_and_are_limited_in_bytes(make_cache, mc1):
+    cache = make_cache(mc1.location)
+    cache.set("Iñtërnâtiônàlizætiøn", "value")
+    assert cache.get("Iñtërnâtiônàlizætiøn") == "value"
+    with pytest.raises(InvalidCacheKey):
+        cache.get("清" * 83)  # 83 characters, 249 bytes + ":1:"
+
+
+def test_value_too_large_deletes_old_value_and_pool_stays_healthy(make_cache, mc1):
+    cache = make_cache(mc1.location, {"IGNORE_EXC": False})
+    cache.set("big", "small")
+    cache.set("big", "a" * (2 * 1024 * 1024))
+    assert cache.get("big") is None
+    assert cache.set_many({"ok1": 1, "huge": b"x" * (2 * 1024 * 1024), "ok2": 2}) == ["huge"]
+    assert cache.get_many(["ok1", "ok2", "huge"]) == {"ok1": 1, "ok2": 2}
+    assert cache.add("big2", "b" * (2 * 1024 * 1024)) is False
+    cache.set("after", "works")
+    assert cache.get("after") == "works"
+
+
+def test_unpicklable_value_raises_clearly_and_pool_stays_healthy(make_cache, mc1):
+    cache = make_cache(mc1.location, {"IGNORE_EXC": True})
+    cache.set("k", 1)
+    pool = cache.client.pools[0]
+    opened = pool.opened
+    for bad in (threading.Lock(), lambda: 1):
+        with pytest.raises((TypeError, AttributeError, Exception)) as info:
+            cache.set("k", bad)
+        assert "pickle" in str(info.value).lower()
+    assert cache.get("k") == 1
+    assert pool.opened == opened  # no connection was harmed
+
+
+def test_placement_is_compatible_with_djangos_pymemcache_backend(make_cache, mc3):
+    locations = [m.location for m in mc3]
+    django_cache = DjangoPyMemcacheCache(locations, {})
+    try:
+        django_cache.set_many({"key-%d" % i: {"n": i} for i in range(1000)})
+        django_cache.set("text", "Iñtërnâtiônàlizætiøn")
+        django_cache.set("number", 7)
+    finally:
+        django_cache.close()
+    ours = make_cache(locations)
+    found = ours.get_many(["key-%d" % i for i in range(1000)])
+    assert found == {"key-%d" % i: {"n": i} for i in range(1000)}
+    assert ours.get("text") == "Iñtërnâtiônàlizætiøn"
+    assert ours.incr("number") == 8
+    assert all(m.stats()["curr_items"] > 200 for m in mc3)
+
+
+def test_unix_socket_location(make_cache, unix_memcached):
+    cache = make_cache(unix_memcached.location)
+    cache.set("k", "over unix")
+    assert cache.get("k") == "over unix"
+
+
+def test_ipv6_location(make_cache, ipv6_memcached):
+    assert ipv6_memcached.location.startswith("[::1]:")
+    cache = make_cache(ipv6_memcached.location)
+    cache.set("k", "over v6")
+    assert cache.get("k") == "over v6"
+
+
+def test_without_pooling_close_drops_the_connection(make_cache, mc1):
+    cache = make_cache(mc1.location, {"USE_POOLING": False})
+    other = make_cache(mc1.location, {"USE_POOLING": False})
+    assert cache.client is not other.client
+    cache.set("k", 1)
+    assert mc1.stats()["curr_connections"] >= 1
+    status = cache.client.pools[0].status()
+    assert status["idle"] == 1
+    cache.close()
+    assert cache.client.pools[0].status()["idle"] == 0
+
+
+def test_pooled_backends_with_equal_settings_share_a_client(make_cache, mc1):
+    a = make_cache(mc1.location, {"TIMEOUT": 1})
+    b = make_cache(mc1.location, {"timeout": 1.0})
+    c = make_cache(mc1.location, {"TIMEOUT": 2})
+    assert a.client is b.client is client_for(a.config)
+    assert c.client is not a.client
+
+
+def test_async_calls_run_concurrently_on_several_connections(make_cache, memcached_factory):
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 5, "IGNORE_EXC": False})
+    cache.set("k", "v")
+
+    async def main():
+        server.pause()
+        threading.Timer(0.5, server.resume).start()
+        started = time.monotonic()
+        values = await asyncio.gather(*[cache.aget("k") for _ in range(4)])
+        return values, time.monotonic() - started
+
+    values, elapsed = asyncio.run(main())
+    assert values == ["v"] * 4
+    assert elapsed < 1.5  # one after another they would take 4 x 0.5 s
+    assert cache.client.pools[0].opened >= 4
+
+
+def test_async_api(make_cache, mc1):
+    cache = make_cache(mc1.location)
+
+    async def main():
+        await cache.aset("a", 1)
+        assert await cache.aadd("a", 2) is False
+        await cache.aset_many({"b": 2, "c": 3})
+        assert await cache.aget_many(["a", "b", "c"]) == {"a": 1, "b": 2, "c": 3}
+        assert await cache.aincr("a") == 2 and await cache.adecr("a") == 1
+        assert await cache.atouch("a") is True
+        assert await cache.ahas_key("a") is True
+        assert await cache.aget_or_set("d", 4) == 4
+        assert await cache.adelete("a") is True
+        await cache.adelete_many(["b", "c"])
+        assert await cache.aget("b", "gone") == "gone"
+        await cache.aclear()
+        assert await cache.aget("d") is None
+
+    asyncio.run(main())
+
+
+def test_backend_is_a_django_memcached_backend():
+    from django.core.cache.backends.memcached import BaseMemcachedCache
+    assert issubclass(PyMemcacheCache, BaseMemcachedCache)

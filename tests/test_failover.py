@@ -1,0 +1,169 @@
+"""Blacklisting servers that time out or refuse, and bringing them back."""
+
+import logging
+import time
+
+import pytest
+
+from djmemcache import NoServerAvailable, ServerError
+from djmemcache.client import MISS, Client
+from djmemcache.options import parse_options
+from djmemcache.servers import Rendezvous
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 5000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _keys_owned_by(nodes, index, count=20):
+    ring = Rendezvous(nodes)
+    everyone = tuple(range(len(nodes)))
+    keys = []
+    i = 0
+    while len(keys) < count:
+        key = ":1:key-%d" % i
+        if ring.choose(key, everyone) == index:
+            keys.append(key)
+        i += 1
+    return keys
+
+
+def test_refused_server_is_blacklisted_and_its_keys_go_to_the_others(memcached_factory, caplog):
+    servers = [memcached_factory() for _ in range(3)]
+    servers[1].kill()  # nothing listens on its port now
+    options = parse_options([s.location for s in servers], {"TIMEOUT": 0.5, "BLACKLIST_TIME": 60})
+    client = Client(options)
+    try:
+        nodes = [s.node for s in options.servers]
+        keys = _keys_owned_by(nodes, 1)
+        with caplog.at_level(logging.WARNING, logger="djmemcache"):
+            for key in keys:
+                assert client.set(key, "v", 0) in (True, False)  # the first one meets the refusal
+            for key in keys:
+                client.set(key, key, 0)
+                assert client.get(key) == key
+        assert [e["state"] for e in client.status()] == ["up", "blacklisted", "up"]
+        banned = [r.getMessage() for r in caplog.records if "blacklisted" in r.getMessage()]
+        assert len(banned) == 1 and "connection refused" in banned[0]
+        # Once blacklisted, calls are fast: no connect attempts at all.
+        started = time.monotonic()
+        for key in keys:
+            client.get(key)
+        assert time.monotonic() - started < 0.5
+    finally:
+        client.close()
+
+
+def test_blacklisted_server_comes_back_after_one_successful_probe(memcached_factory):
+    clock = FakeClock()
+    servers = [memcached_factory() for _ in range(2)]
+    options = parse_options([s.location for s in servers],
+                            {"TIMEOUT": 0.5, "BLACKLIST_TIME": 30, "IGNORE_EXC": True}, clock=clock)
+    client = Client(options)
+    try:
+        keys = _keys_owned_by([s.node for s in options.servers], 0)
+        servers[0].kill()
+        client.get(keys[0])  # refused: blacklisted
+        assert client.blacklist.live == (1,)
+        servers[0].restart()
+        clock.now += 29
+        client.get(keys[1])
+        assert client.blacklist.live == (1,)  # period not over: nobody probes
+        clock.now += 1
+        client.set(keys[2], "back", 0)  # this caller probes, the probe succeeds
+        assert client.blacklist.live == (0, 1)
+        assert servers[0].stats()["curr_items"] == 1
+    finally:
+        client.close()
+
+
+def test_failed_probe_restarts_the_blacklist_period(memcached_factory):
+    clock = FakeClock()
+    servers = [memcached_factory() for _ in range(2)]
+    options = parse_options([s.location for s in servers], {"TIMEOUT": 0.5, "BLACKLIST_TIME": 30}, clock=clock)
+    client = Client(options)
+    try:
+        servers[0].kill()
+        client.flush_all()
+        assert client.blacklist.live == (1,)
+        clock.now += 30
+        client.get(":1:any")  # probe: still refused
+        assert client.blacklist.live == (1,)
+        assert client.blacklist.state(0)[0] == clock.now + 30
+    finally:
+        client.close()
+
+
+def test_all_servers_down_gives_fast_misses_when_ignoring_errors(make_cache, memcached_factory):
+    servers = [memcached_factory() for _ in range(2)]
+    cache = make_cache([s.location for s in servers], {"TIMEOUT": 0.5})
+    for s in servers:
+        s.kill()
+    cache.get("a")
+    cache.get("b")
+    cache.get("c")
+    started = time.monotonic()
+    assert cache.get("k", "default") == "default"
+    assert cache.get_many(["a", "b"]) == {}
+    assert cache.add("k", 1) is False and cache.delete("k") is False and cache.touch("k") is False
+    assert cache.set_many({"a": 1, "b": 2}) == ["a", "b"]
+    assert cache.has_key("k") is False
+    with pytest.raises(ValueError):
+        cache.incr("k")
+    cache.set("k", 1)
+    cache.clear()
+    assert time.monotonic() - started < 0.2
+
+
+def test_server_errors_name_the_server_when_not_ignored(make_cache, memcached_factory):
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 0.5, "IGNORE_EXC": False})
+    server.kill()
+    with pytest.raises(ServerError) as info:
+        cache.get("k")
+    assert server.location in str(info.value) and "connection refused" in str(info.value)
+    assert info.value.server == server.location
+    with pytest.raises(NoServerAvailable, match=server.location):
+        cache.get("k")
+
+
+def test_hung_server_is_blacklisted_after_its_first_timeout(make_cache, memcached_factory):
+    servers = [memcached_factory() for _ in range(3)]
+    cache = make_cache([s.location for s in servers], {"TIMEOUT": 0.2, "BLACKLIST_TIME": 60})
+    keys = ["key-%d" % i for i in range(60)]
+    cache.set_many({k: k for k in keys})
+    servers[2].pause()
+    try:
+        slow = 0
+        for key in keys:
+            started = time.monotonic()
+            value = cache.get(key)
+            if time.monotonic() - started > 0.15:
+                slow += 1
+            assert value in (key, None)
+        assert slow == 1
+        assert [e["state"] for e in cache.stats()] == ["up", "up", "blacklisted"]
+    finally:
+        servers[2].resume()
+
+
+def test_random_distribution_uses_every_live_server(memcached_factory):
+    servers = [memcached_factory() for _ in range(3)]
+    options = parse_options([s.location for s in servers], {"DISTRIBUTION": "random", "TIMEOUT": 0.5})
+    client = Client(options)
+    try:
+        conns = [client._acquire(client._index_for(None), True) for _ in range(30)]
+        used = {index for index, _conn in conns}
+        for index, conn in conns:
+            client.pools[index].release(conn)
+        assert used == {0, 1, 2}
+        servers[0].kill()
+        for _ in range(10):
+            client.get(":1:x")  # reused idle connections to the dead server fail or are stale
+        assert client.get(":1:x") is MISS
+    finally:
+        client.close()

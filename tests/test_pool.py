@@ -1,0 +1,180 @@
+"""The per-server pool: bound, LIFO reuse, waiting, discarding, fork."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from djmemcache import PoolTimeout, ServerError
+from djmemcache.options import parse_options
+from djmemcache.pool import HostPool
+from helpers import run_threads
+
+
+def _pool(location, **options):
+    opts = parse_options(location, options)
+    return HostPool(opts.servers[0], opts)
+
+
+def test_pool_reuses_the_last_released_connection_first(mc1):
+    pool = _pool(mc1.location)
+    a, b = pool.acquire(), pool.acquire()
+    pool.release(a)
+    pool.release(b)
+    assert pool.acquire() is b
+    assert pool.acquire() is a
+    assert pool.opened == 2
+    for conn in (a, b):
+        pool.discard(conn)
+    assert pool.status() == {"in_use": 0, "idle": 0, "opened": 2}
+
+
+def test_pool_never_opens_more_than_max_size_under_32_threads(mc1):
+    pool = _pool(mc1.location, MAX_POOL_SIZE=2, POOL_TIMEOUT=10)
+    busy = []
+    peak = []
+    lock = threading.Lock()
+
+    def work(i):
+        for _ in range(50):
+            conn = pool.acquire()
+            with lock:
+                busy.append(conn)
+                peak.append(len(busy))
+            conn.get("k")
+            with lock:
+                busy.remove(conn)
+            pool.release(conn)
+
+    assert run_threads(32, work) == []
+    assert max(peak) <= 2 and pool.opened <= 2
+    pool.clear_idle()
+
+
+def test_full_pool_waits_then_raises_pool_timeout(mc1):
+    pool = _pool(mc1.location, MAX_POOL_SIZE=1, POOL_TIMEOUT=0.2)
+    held = pool.acquire()
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout, match="MAX_POOL_SIZE=1"):
+        pool.acquire()
+    assert 0.15 < time.monotonic() - started < 2
+    threading.Timer(0.1, pool.release, args=(held,)).start()
+    assert pool.acquire() is held  # a waiter gets the released connection
+    pool.discard(held)
+
+
+def test_pool_timeout_is_a_miss_when_ignoring_errors(make_cache, mc1):
+    cache = make_cache(mc1.location, {"MAX_POOL_SIZE": 1, "POOL_TIMEOUT": 0.05})
+    cache.set("k", 1)
+    held = cache.client.pools[0].acquire()
+    try:
+        assert cache.get("k", "miss") == "miss"
+        assert cache.add("x", 1) is False
+    finally:
+        cache.client.pools[0].release(held)
+    strict = make_cache(mc1.location, {"MAX_POOL_SIZE": 1, "POOL_TIMEOUT": 0.05, "IGNORE_EXC": False})
+    held = strict.client.pools[0].acquire()
+    try:
+        with pytest.raises(PoolTimeout):
+            strict.get("k")
+    finally:
+        strict.client.pools[0].release(held)
+
+
+def test_pool_limits_at_zero_one_and_two_waiters(mc1):
+    pool = _pool(mc1.location, MAX_POOL_SIZE=2, POOL_TIMEOUT=0)
+    a = pool.acquire()
+    b = pool.acquire()
+    with pytest.raises(PoolTimeout):
+        pool.acquire()
+    pool.release(a)
+    assert pool.status()["in_use"] == 1 and pool.status()["idle"] == 1
+    pool.discard(b)
+    assert pool.status()["in_use"] == 0
+    c = pool.acquire()
+    d = pool.acquire()
+    assert pool.opened == 3
+    pool.release(c)
+    pool.release(d)
+    pool.clear_idle()
+    assert pool.status() == {"in_use": 0, "idle": 0, "opened": 3}
+
+
+def test_connection_that_timed_out_is_never_reused(make_cache, memcached_factory):
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 0.3, "IGNORE_EXC": False, "BLACKLIST_TIME": 0})
+    cache.set("first", "first-value")
+    cache.set("second", "second-value")
+    server.pause()
+    try:
+        with pytest.raises(ServerError, match="timed out"):
+            cache.get("first")  # the request is queued in the stopped server
+    finally:
+        server.resume()
+    pool = cache.client.pools[0]
+    assert pool.status()["idle"] == 0  # the timed-out connection was closed
+    # The server now answers the old "get first" on the old socket; a reused
+    # socket would hand that reply to the next caller.
+    for _ in range(20):
+        assert cache.get("second") == "second-value"
+        assert cache.get("first") == "first-value"
+
+
+def test_idle_connection_closed_by_server_restart_costs_the_caller_nothing(make_cache, memcached_factory):
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 1, "IGNORE_EXC": False})
+    for i in range(4):
+        cache.set("k%d" % i, i)
+    server.restart()
+    assert cache.get("k0") is None  # a fresh, empty server: a miss, no error
+    cache.set("k1", "again")
+    assert cache.get("k1") == "again"
+
+
+def test_server_idle_timeout_does_not_surface_errors(make_cache, memcached_factory):
+    server = memcached_factory(extra_args=("-o", "idle_timeout=1"))
+    cache = make_cache(server.location, {"TIMEOUT": 1, "IGNORE_EXC": False})
+    cache.set("k", "v")
+    cache.set("n", 1)
+    time.sleep(2.5)  # memcached's idle timeout closes our pooled connection
+    assert cache.get("k") == "v"
+    time.sleep(2.5)
+    assert cache.incr("n") == 2  # incr is never retried, but a stale socket is noticed first
+
+
+def test_forked_children_never_use_the_parents_sockets(make_cache, mc1):
+    cache = make_cache(mc1.location, {"TIMEOUT": 5, "IGNORE_EXC": False})
+    cache.set("parent", "p")
+    assert cache.client.pools[0].status()["idle"] == 1
+    children = []
+    for child in range(4):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                pool = cache.client.pools[0]
+                ok = pool.status() == {"in_use": 0, "idle": 0, "opened": 0}
+                for n in range(200):
+                    cache.set("child-%d-%d" % (child, n), n)
+                    ok = ok and cache.get("child-%d-%d" % (child, n)) == n
+                code = 0 if ok and pool.opened == 1 else 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    for n in range(200):
+        assert cache.get("parent") == "p"
+        cache.set("parent-%d" % n, n)
+        assert cache.get("parent-%d" % n) == n
+    statuses = [os.waitpid(pid, 0)[1] for pid in children]
+    assert statuses == [0, 0, 0, 0]
+    assert cache.get("child-3-199") == 199
+
+
+def test_pool_repr_shows_its_state(mc1):
+    pool = _pool(mc1.location, MAX_POOL_SIZE=5)
+    conn = pool.acquire()
+    assert repr(pool) == "<HostPool %s in_use=1 idle=0 max=5 opened=1>" % mc1.location
+    pool.release(conn)
+    assert "in_use=0 idle=1" in repr(pool)
+    pool.clear_idle()
