@@ -23,7 +23,8 @@ from pymemcache.exceptions import (
 )
 
 from djmemcache.exceptions import DjmemcacheError, NoServerAvailable, PoolTimeout, ServerError
-from djmemcache.pool import Connection, HostPool
+from djmemcache.connection import Connection
+from djmemcache.pool import HostPool
 from djmemcache.serializer import CorruptValue, PickleSerializer
 from djmemcache.servers import Blacklist, Rendezvous
 
@@ -137,26 +138,69 @@ class Client:
         """Run ``method(connection, *args)`` on server ``index``.
 
         ``retry``: the command may run twice without changing the outcome
-        (get, set, delete, touch), so if a reused connection turns out to be
-        closed by the server, it is retried once on a fresh one. incr, decr
-        and add are never retried: a lost reply may hide a success.
+        (get, set, delete, touch, flush_all), so if a reused connection turns
+        out to be closed by the server, it is retried once on a fresh one.
+        incr, decr and add are never retried: a lost reply may hide a success.
         """
         if anywhere is None:
             anywhere = self._random  # random distribution: any live server serves any key
         index, conn = self._acquire(index, anywhere)
-        pool = self.pools[index]
         try:
             result = method(conn, *args)
         except Exception as exc:
-            pool.discard(conn)
-            if retry and conn.reused and isinstance(exc, _LOST_CONNECTION):
-                logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
-                return self._call(index, command, method, *args, anywhere=anywhere)
-            if isinstance(exc, (MemcacheClientError, MemcacheServerError)):
-                raise  # a complete reply about this command: no fault of the server's
-            raise self._server_failed(index, command, exc) from exc
-        pool.release(conn)
+            return self._recover(index, conn, command, exc, retry, anywhere, method, args)
+        self.pools[index].release(conn)
         return result
+
+    def _recover(self, index, conn, command, exc, retry, anywhere, method, args):
+        """``method`` failed on ``conn``: close it, then retry once or raise."""
+        self.pools[index].discard(conn)
+        if retry and conn.reused and isinstance(exc, _LOST_CONNECTION):
+            logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
+            return self._call(index, command, method, *args, anywhere=anywhere)
+        if isinstance(exc, (MemcacheClientError, MemcacheServerError)):
+            raise exc  # a complete reply about this command: no fault of the server's
+        raise self._server_failed(index, command, exc) from exc
+
+    def _pipeline(self, command, batches, send, read, retry):
+        """Run a multi-key command on several servers at once.
+
+        Every server is sent its batch before any reply is read, so the
+        round trips overlap instead of adding up. ``batches`` maps a server
+        index to its batch; returns ``(batch, outcome)`` pairs where the
+        outcome is ``read``'s result or the ``DjmemcacheError`` of that server.
+        """
+        anywhere = self._random
+        roundtrip = _Roundtrip(send, read)
+        results = []
+        pending = []
+        # Taking connections in server order: with bounded pools, two callers
+        # taking them in opposite orders could each wait for the other forever.
+        for index, batch in sorted(batches.items(), key=_first):
+            try:
+                index, conn = self._acquire(index, anywhere)
+            except DjmemcacheError as exc:
+                results.append((batch, exc))
+                continue
+            try:
+                pending.append((index, conn, batch, send(conn, batch)))
+            except Exception as exc:
+                results.append((batch, self._settle(index, conn, command, exc, retry, roundtrip, batch)))
+        for index, conn, batch, token in pending:
+            try:
+                outcome = read(conn, token)
+            except Exception as exc:
+                outcome = self._settle(index, conn, command, exc, retry, roundtrip, batch)
+            else:
+                self.pools[index].release(conn)
+            results.append((batch, outcome))
+        return results
+
+    def _settle(self, index, conn, command, exc, retry, roundtrip, batch):
+        try:
+            return self._recover(index, conn, command, exc, retry, self._random, roundtrip, (batch,))
+        except DjmemcacheError as error:
+            return error
 
     def _server_failed(self, index, command, exc):
         server = self.servers[index]
@@ -188,6 +232,13 @@ class Client:
             logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
             return MISS
 
+    def _stored(self, command, key, reason):
+        if reason is None:
+            return True
+        if reason.startswith("SERVER_ERROR"):
+            logger.warning("%s of key %r refused by memcached: %s", command, key, reason)
+        return False
+
     # -- the commands the backend uses --------------------------------------
 
     def get(self, key):
@@ -203,31 +254,28 @@ class Client:
             groups = self._group(keys)
         except DjmemcacheError as exc:
             return self._failed(exc, "get_many", found)
-        for index, group in groups.items():
-            try:
-                raws = self._call(index, "get", Connection.get_many, group, retry=True)
-            except DjmemcacheError as exc:
-                self._failed(exc, "get_many", None)
+        for _batch, outcome in self._pipeline(
+            "get", groups, Connection.send_get_many, Connection.read_get_many, retry=True
+        ):
+            if isinstance(outcome, DjmemcacheError):
+                self._failed(outcome, "get_many", None)
                 continue
-            for key, raw in raws.items():
+            for key, raw in outcome.items():
                 value = self._decode(key, raw)
                 if value is not MISS:
                     found[key] = value
         return found
 
     def _store(self, command, key, value, expire):
-        data = self.serializer.dumps(value)
-        method = Connection.set if command == "set" else Connection.add
+        items = {key: self.serializer.dumps(value)}
         try:
-            return bool(self._call(
-                self._index_for(key), command, method, key, data, expire,
+            outcome = self._call(
+                self._index_for(key), command, Connection.store, command.encode(), items, expire,
                 retry=command == "set",
-            ))
-        except MemcacheServerError as exc:
-            logger.warning("%s of key %r refused by memcached: %s", command, key, exc)
-            return False
+            )
         except DjmemcacheError as exc:
             return self._failed(exc, command, False)
+        return self._stored(command, key, outcome[key])
 
     def set(self, key, value, expire):
         return self._store("set", key, value, expire)
@@ -238,37 +286,24 @@ class Client:
     def set_many(self, mapping, expire):
         """Store every item; return the keys that were not stored."""
         data = {key: self.serializer.dumps(value) for key, value in mapping.items()}
-        failed = []
         try:
             groups = self._group(data)
         except DjmemcacheError as exc:
             return self._failed(exc, "set_many", list(data))
-        for index, group in groups.items():
-            items = {key: data[key] for key in group}
-            try:
-                failed += self._call(index, "set", Connection.set_many, items, expire, retry=True)
-            except MemcacheServerError:
-                # One value was refused (too large) and pymemcache stopped there:
-                # store them one by one to learn which, as set is idempotent.
-                for key, item in items.items():
-                    if not self._store_raw(index, key, item, expire):
-                        failed.append(key)
-            except DjmemcacheError as exc:
-                failed += self._failed(exc, "set_many", group)
+        batches = {index: {key: data[key] for key in keys} for index, keys in groups.items()}
+        failed = []
+        for batch, outcome in self._pipeline(
+            "set", batches, _SendStore(b"set", expire), Connection.read_store, retry=True
+        ):
+            if isinstance(outcome, DjmemcacheError):
+                failed += self._failed(outcome, "set_many", list(batch))
+                continue
+            failed += [key for key, reason in outcome.items() if not self._stored("set", key, reason)]
         return failed
-
-    def _store_raw(self, index, key, item, expire):
-        try:
-            return bool(self._call(index, "set", Connection.set, key, item, expire, retry=True))
-        except MemcacheServerError as exc:
-            logger.warning("set of key %r refused by memcached: %s", key, exc)
-            return False
-        except DjmemcacheError as exc:
-            return self._failed(exc, "set", False)
 
     def delete(self, key):
         try:
-            return bool(self._call(self._index_for(key), "delete", Connection.delete, key, retry=True))
+            return self._call(self._index_for(key), "delete", Connection.delete, key, retry=True)
         except DjmemcacheError as exc:
             return self._failed(exc, "delete", False)
 
@@ -277,23 +312,23 @@ class Client:
             groups = self._group(keys)
         except DjmemcacheError as exc:
             return self._failed(exc, "delete_many", None)
-        for index, group in groups.items():
-            try:
-                self._call(index, "delete", Connection.delete_many, group, retry=True)
-            except DjmemcacheError as exc:
-                self._failed(exc, "delete_many", None)
+        for _batch, outcome in self._pipeline(
+            "delete", groups, Connection.send_delete_many, Connection.read_delete_many, retry=True
+        ):
+            if isinstance(outcome, DjmemcacheError):
+                self._failed(outcome, "delete_many", None)
 
     def touch(self, key, expire):
         try:
-            return bool(self._call(self._index_for(key), "touch", Connection.touch, key, expire, retry=True))
+            return self._call(self._index_for(key), "touch", Connection.touch, key, expire, retry=True)
         except DjmemcacheError as exc:
             return self._failed(exc, "touch", False)
 
     def incr(self, key, delta):
-        """New value, or None when the key is missing (or the server failed and errors are ignored)."""
-        method, delta = (Connection.incr, delta) if delta >= 0 else (Connection.decr, -delta)
+        """New value (``delta`` < 0 decrements), or None when the key is
+        missing or, ignoring errors, the server failed."""
         try:
-            return self._call(self._index_for(key), "incr", method, key, delta)
+            return self._call(self._index_for(key), "incr", Connection.incr, key, delta)
         except DjmemcacheError as exc:
             return self._failed(exc, "incr", None)
 
@@ -302,7 +337,7 @@ class Client:
             if index not in self.blacklist.live:
                 continue
             try:
-                self._call(index, "flush_all", Connection.flush_all, 0, retry=True, anywhere=False)
+                self._call(index, "flush_all", Connection.flush_all, 0, False, retry=True, anywhere=False)
             except DjmemcacheError as exc:
                 self._failed(exc, "flush_all", None)
 
@@ -336,6 +371,28 @@ class Client:
 
     def __repr__(self):
         return "<Client %s>" % " ".join(repr(p) for p in self.pools)
+
+
+def _first(pair):
+    return pair[0]
+
+
+class _Roundtrip:
+    """send then read, as one method: how a failed pipelined batch is retried alone."""
+
+    def __init__(self, send, read):
+        self.send, self.read = send, read
+
+    def __call__(self, conn, batch):
+        return self.read(conn, self.send(conn, batch))
+
+
+class _SendStore:
+    def __init__(self, command, expire):
+        self.command, self.expire = command, expire
+
+    def __call__(self, conn, items):
+        return conn.send_store(self.command, items, self.expire)
 
 
 def _describe(exc):

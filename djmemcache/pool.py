@@ -14,88 +14,14 @@ connections between "idle" and "in use" and counts slots.
 
 import logging
 import os
-import select
 import threading
 import time
 import weakref
 
-from pymemcache.client.base import Client as _PymemcacheClient
-
+from djmemcache.connection import Connection
 from djmemcache.exceptions import PoolTimeout
 
 logger = logging.getLogger("djmemcache.pool")
-
-
-class _RawSerde:
-    """Values cross the connection as ``(bytes, flags)``: serializing happens
-    before a connection is taken (a bad value never touches the pool) and
-    decoding after it is given back (a corrupt item never closes one)."""
-
-    @staticmethod
-    def serialize(key, value):
-        return value
-
-    @staticmethod
-    def deserialize(key, value, flags):
-        return value, flags
-
-
-_RAW = _RawSerde()
-
-
-class Connection(_PymemcacheClient):
-    """One socket to one server, speaking memcached's text protocol through
-    pymemcache's ``Client``; adds an eager connect and a staleness check."""
-
-    reused = False  # True once it has been back in the pool: a retry is only useful then
-    idle_since = 0.0
-
-    def __init__(self, server, options):
-        super().__init__(
-            server.address,
-            serde=_RAW,
-            connect_timeout=options.effective_connect_timeout,
-            timeout=options.timeout,
-            no_delay=options.no_delay,
-            key_prefix=options.key_prefix,
-            default_noreply=False,
-            allow_unicode_keys=True,
-        )
-        self._poller = None
-
-    def connect(self):
-        self._connect()
-
-    def _connect(self):
-        super()._connect()
-        self._poller = select.poll()
-        self._poller.register(self.sock, select.POLLIN)
-
-    hits = 0  # since it was last given back; the pool adds these to its counters
-    misses = 0
-
-    def get(self, key, default=None):
-        raw = super().get(key)
-        if raw is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return raw
-
-    def get_many(self, keys):
-        found = super().get_many(keys)
-        self.hits += len(found)
-        self.misses += len(keys) - len(found)
-        return found
-
-    def is_stale(self):
-        """True when an idle connection is unusable: closed, or readable.
-
-        Nothing should arrive on an idle memcached connection, so readable
-        means the server closed it (EOF/RST) or sent something we must not
-        read as the next reply.
-        """
-        return self.sock is None or bool(self._poller.poll(0))
 
 
 _POOLS = weakref.WeakSet()
