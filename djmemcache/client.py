@@ -23,9 +23,9 @@ from pymemcache.exceptions import (
 )
 
 from djmemcache.exceptions import DjmemcacheError, NoServerAvailable, PoolTimeout, ServerError
-from djmemcache.connection import Connection
+from djmemcache.connection import Connection, tls_context_for
 from djmemcache.pool import HostPool
-from djmemcache.serializer import CorruptValue, PickleSerializer
+from djmemcache.serializer import CorruptValue, serializer_for
 from djmemcache.servers import Blacklist, Rendezvous
 
 logger = logging.getLogger("djmemcache.client")
@@ -49,10 +49,11 @@ class Client:
         self.servers = options.servers
         clock = options.clock or time.monotonic
         self.clock = clock
-        self.pools = tuple(HostPool(s, options, connection_class, clock) for s in self.servers)
+        tls = tls_context_for(options)
+        self.pools = tuple(HostPool(s, options, connection_class, clock, tls) for s in self.servers)
         self.blacklist = Blacklist(self.servers, options.blacklist_time, clock)
         self.rendezvous = Rendezvous([s.node for s in self.servers])
-        self.serializer = PickleSerializer()
+        self.serializer = serializer_for(options)
         self.ignore_exc = options.ignore_exc
         self._random = options.distribution == "random"
 
@@ -227,7 +228,7 @@ class Client:
 
     def _decode(self, key, raw):
         try:
-            return self.serializer.loads(*raw)
+            return self.serializer.loads(key, *raw)
         except CorruptValue as exc:
             logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
             return MISS
@@ -267,7 +268,7 @@ class Client:
         return found
 
     def _store(self, command, key, value, expire):
-        items = {key: self.serializer.dumps(value)}
+        items = {key: self.serializer.dumps(key, value)}
         try:
             outcome = self._call(
                 self._index_for(key), command, Connection.store, command.encode(), items, expire,
@@ -285,7 +286,7 @@ class Client:
 
     def set_many(self, mapping, expire):
         """Store every item; return the keys that were not stored."""
-        data = {key: self.serializer.dumps(value) for key, value in mapping.items()}
+        data = {key: self.serializer.dumps(key, value) for key, value in mapping.items()}
         try:
             groups = self._group(data)
         except DjmemcacheError as exc:

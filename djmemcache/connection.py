@@ -22,6 +22,7 @@ connection that raised is closed by the pool, never reused.
 """
 
 import select
+import ssl
 
 from pymemcache.client.base import Client as _PymemcacheClient
 from pymemcache.exceptions import (
@@ -61,6 +62,24 @@ def _raise_error_line(line):
     raise MemcacheUnknownError(line[:64])
 
 
+def tls_context_for(options):
+    """The ``ssl.SSLContext`` of a configuration, or None without TLS.
+
+    Built once per client: hostname (or IP address) checking and certificate
+    verification are on unless ``TLS_CHECK_HOSTNAME`` is False.
+    """
+    if not options.tls:
+        return None
+    if options.tls_context is not None:
+        return options.tls_context
+    context = ssl.create_default_context(cafile=options.tls_ca_file)
+    if options.tls_cert_file:
+        context.load_cert_chain(options.tls_cert_file, options.tls_key_file)
+    if not options.tls_check_hostname:
+        context.check_hostname = False
+    return context
+
+
 class Connection(_PymemcacheClient):
     """A socket to one server; connected eagerly by the pool."""
 
@@ -70,7 +89,7 @@ class Connection(_PymemcacheClient):
     hits = 0  # since it was last given back; the pool adds these to its counters
     misses = 0
 
-    def __init__(self, server, options):
+    def __init__(self, server, options, tls_context=None):
         super().__init__(
             server.address,
             serde=_RAW,
@@ -80,6 +99,7 @@ class Connection(_PymemcacheClient):
             key_prefix=options.key_prefix,
             default_noreply=False,
             allow_unicode_keys=True,
+            tls_context=tls_context,
         )
         self._poller = None
 

@@ -7,10 +7,13 @@ hashable: the process-wide pool registry is keyed on the whole of it.
 
 import difflib
 import math
+import os
 import re
+import ssl
 from dataclasses import dataclass, field, fields
 
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
 
 from djmemcache.servers import parse_server
 
@@ -37,6 +40,17 @@ class Options:
     no_delay: bool = True
     pool_idle_timeout: float = 0.0
     allow_unicode_keys: bool = True
+    serializer: object = "pickle"  # "pickle", "json", or a pymemcache-style serde
+    compress_min_length: int = 0  # 0: never compress
+    compressor: str = "zlib"
+    sign_values: bool = False
+    signing_key: object = None  # str/bytes; default SECRET_KEY (+ SECRET_KEY_FALLBACKS)
+    tls: bool = False
+    tls_ca_file: str = None
+    tls_cert_file: str = None
+    tls_key_file: str = None
+    tls_check_hostname: bool = True
+    tls_context: object = None  # an ssl.SSLContext; implies TLS
     # Not a user option: lets tests drive blacklist expiry without sleeping.
     clock: object = field(default=None, compare=True)
 
@@ -49,6 +63,7 @@ class Options:
 #: to the option that now means the same thing.
 ALIASES = {
     "dead_timeout": "blacklist_time",
+    "serde": "serializer",
 }
 
 #: pymemcache arguments 0.13 accepted that no longer mean anything here.
@@ -63,9 +78,7 @@ REJECTED = {
     "socket_module": "djmemcache uses the standard socket module",
     "lock_generator": "djmemcache's pool uses threading locks",
     "encoding": "keys are always UTF-8 on the wire",
-    "serde": "values use pymemcache's pickle format, as Django's PyMemcacheCache",
-    "serializer": "values use pymemcache's pickle format, as Django's PyMemcacheCache",
-    "deserializer": "values use pymemcache's pickle format, as Django's PyMemcacheCache",
+    "deserializer": "give SERIALIZER a serde object with serialize() and deserialize()",
     "max_entries": "memcached evicts entries by itself",
     "cull_frequency": "memcached evicts entries by itself",
 }
@@ -173,6 +186,22 @@ def parse_options(location, options=None, clock=None):
             value = _number(name, value, allow_none=True)
         elif name in ("blacklist_time", "pool_idle_timeout"):
             value = _number(name, value)
+        elif name == "serializer":
+            value = _serializer(value)
+        elif name == "compress_min_length":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _bad(name, value, "a whole number of bytes >= 0 (0: never compress)")
+        elif name == "compressor":
+            value = _compressor(value)
+        elif name == "signing_key":
+            if not isinstance(value, (str, bytes)) or not value:
+                raise _bad(name, value, "a non-empty str or bytes secret")
+        elif name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if not isinstance(value, str) or not os.path.isfile(value):
+                raise _bad(name, value, "the path of a readable PEM file")
+        elif name == "tls_context":
+            if not isinstance(value, ssl.SSLContext):
+                raise _bad(name, value, "an ssl.SSLContext")
         elif name == "distribution":
             if not isinstance(value, str) or value.lower() not in DISTRIBUTIONS:
                 raise _bad(name, value, " or ".join(repr(d) for d in DISTRIBUTIONS))
@@ -180,4 +209,37 @@ def parse_options(location, options=None, clock=None):
         else:
             value = _flag(name, value)
         parsed[name] = value
-    return Options(servers=parse_location(location), clock=clock, **parsed)
+    if parsed.get("tls_key_file") and not parsed.get("tls_cert_file"):
+        raise _bad("tls_key_file", parsed["tls_key_file"], "to go with TLS_CERT_FILE")
+    if any(parsed.get(n) for n in ("tls_ca_file", "tls_cert_file", "tls_context")):
+        parsed["tls"] = True
+    servers = parse_location(location)
+    if parsed.get("tls") and any(s.is_unix for s in servers):
+        raise ImproperlyConfigured("djmemcache: TLS is for TCP servers, not unix sockets")
+    return Options(servers=servers, clock=clock, **parsed)
+
+
+def _serializer(value):
+    if isinstance(value, str):
+        if value.lower() in ("pickle", "json"):
+            return value.lower()
+        try:
+            value = import_string(value)
+        except ImportError as exc:
+            raise _bad("serializer", value, "'pickle', 'json' or the dotted path of a serde (%s)" % exc)
+        if isinstance(value, type):
+            value = value()
+    if not (hasattr(value, "serialize") and hasattr(value, "deserialize")):
+        raise _bad("serializer", value, "'pickle', 'json', or a serde with serialize() and deserialize()")
+    return value
+
+
+def _compressor(value):
+    if value not in ("zlib", "zstd"):
+        raise _bad("compressor", value, "'zlib' or 'zstd'")
+    if value == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise _bad("compressor", value, "zstandard installed (pip install djmemcache[zstd])") from None
+    return value

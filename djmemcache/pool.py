@@ -37,8 +37,10 @@ class HostPool:
 
     connection_class = Connection
 
-    def __init__(self, server, options, connection_class=None, clock=time.monotonic):
+    def __init__(self, server, options, connection_class=None, clock=time.monotonic,
+                 tls_context=None):
         self.server = server
+        self.tls_context = tls_context
         self.options = options
         if connection_class is not None:
             self.connection_class = connection_class
@@ -110,7 +112,7 @@ class HostPool:
             self._waiting -= 1
 
     def _open(self):
-        conn = self.connection_class(self.server, self.options)
+        conn = self.connection_class(self.server, self.options, self.tls_context)
         try:
             conn.connect()
         except BaseException:

@@ -1,33 +1,56 @@
-"""Values to bytes and back, in the format of Django's ``PyMemcacheCache``.
+"""Values to bytes and back: format, compression, signature.
 
-The flags are pymemcache's (``pymemcache.serde``), and so is the choice of
-format per type: exact ``bytes`` as is, exact ``str`` as UTF-8, exact ``int``
-as digits (so memcached's ``incr`` works on it), anything else pickled with
-the highest protocol. Items written by Django's backend read back here and
-the other way round.
+Default format: Django's ``PyMemcacheCache``, i.e. pymemcache's flags
+(``pymemcache.serde``) and its choice per type: exact ``bytes`` as is, exact
+``str`` as UTF-8, exact ``int`` as digits (so memcached's ``incr`` works on
+it), anything else pickled with the highest protocol. Items written by
+Django's backend read back here and the other way round.
 
-Unlike pymemcache's serde, a value that cannot be decoded (unknown flags,
-corrupt pickle, bad UTF-8) is reported as ``CorruptValue`` so the backend
-can treat it as a miss, instead of returning ``None`` or raw bytes.
+On top, optional and in this order when writing: compression
+(``COMPRESS_MIN_LENGTH``; zlib sets pymemcache's ``FLAG_COMPRESSED``, so
+pymemcache's ``CompressedSerde`` reads it too) and an HMAC signature
+(``SIGN_VALUES``): a signed item whose signature is missing or wrong is never
+decoded, so a forged pickle in memcached cannot run code.
+
+Unlike pymemcache's serde, an item that cannot be decoded (unknown flags,
+corrupt pickle or JSON, truncated compressed data, bad signature) raises
+``CorruptValue`` so the backend treats it as a miss, instead of returning
+``None`` or raw bytes.
 """
 
+import hmac
+import json
 import pickle
+import zlib
 
-from pymemcache.serde import FLAG_BYTES, FLAG_INTEGER, FLAG_LONG, FLAG_PICKLE, FLAG_TEXT
+from pymemcache.serde import (
+    FLAG_BYTES,
+    FLAG_COMPRESSED,
+    FLAG_INTEGER,
+    FLAG_LONG,
+    FLAG_PICKLE,
+    FLAG_TEXT,
+)
+
+# Flags of djmemcache's own, above pymemcache's (which end at 1 << 4).
+FLAG_JSON = 1 << 5
+FLAG_ZSTD = 1 << 6
+FLAG_SIGNED = 1 << 7
+
+_MAC_SIZE = 32  # HMAC-SHA256
+_MAC_SALT = "djmemcache.serializer.signed-value"
 
 
 class CorruptValue(ValueError):
-    """An item in memcached that this serializer cannot decode."""
+    """An item in memcached that this serializer cannot or must not decode."""
 
 
-class PickleSerializer:
+class PickleFormat:
     """pymemcache's ``PickleSerde(pickle.HIGHEST_PROTOCOL)`` format."""
 
     protocol = pickle.HIGHEST_PROTOCOL
 
     def dumps(self, value):
-        """Return ``(data, flags)``; raise ``pickle.PicklingError``/``TypeError`` on values
-        that cannot be pickled, before anything is sent."""
         kind = type(value)
         if kind is bytes:
             return value, FLAG_BYTES
@@ -38,15 +61,146 @@ class PickleSerializer:
         return pickle.dumps(value, self.protocol), FLAG_PICKLE
 
     def loads(self, data, flags):
+        if flags == FLAG_BYTES:
+            return data
+        if flags == FLAG_TEXT:
+            return data.decode("utf-8")
+        if flags == FLAG_INTEGER or flags == FLAG_LONG:
+            return int(data)
+        if flags == FLAG_PICKLE:
+            return pickle.loads(data)
+        raise CorruptValue("unknown flags %d" % flags)
+
+
+class JSONFormat(PickleFormat):
+    """No pickle at all: what is not bytes, str or int is JSON; pickled items are refused."""
+
+    def dumps(self, value):
+        kind = type(value)
+        if kind is bytes or kind is str or kind is int:
+            return super().dumps(value)
         try:
-            if flags == FLAG_BYTES:
-                return data
-            if flags == FLAG_TEXT:
-                return data.decode("utf-8")
-            if flags == FLAG_INTEGER or flags == FLAG_LONG:
-                return int(data)
-            if flags == FLAG_PICKLE:
-                return pickle.loads(data)
+            return json.dumps(value, separators=(",", ":")).encode("utf-8"), FLAG_JSON
+        except (TypeError, ValueError) as exc:
+            raise TypeError("SERIALIZER='json' cannot store %r: %s" % (type(value).__name__, exc)) from exc
+
+    def loads(self, data, flags):
+        if flags == FLAG_JSON:
+            return json.loads(data)
+        if flags == FLAG_PICKLE:
+            raise CorruptValue("a pickled item, and SERIALIZER='json' never unpickles")
+        return super().loads(data, flags)
+
+
+class SerdeFormat:
+    """A pymemcache-style serde object (``serialize``/``deserialize``)."""
+
+    def __init__(self, serde):
+        self.serde = serde
+
+    def dumps(self, value):
+        data, flags = self.serde.serialize(None, value)
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if flags & (FLAG_COMPRESSED | FLAG_ZSTD | FLAG_SIGNED):
+            raise ValueError("the SERIALIZER's flags %d collide with djmemcache's own" % flags)
+        return data, flags
+
+    def loads(self, data, flags):
+        return self.serde.deserialize(None, data, flags)
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return zstandard
+
+
+class Serializer:
+    """Turns values into ``(data, flags)`` and back, for one configuration."""
+
+    def __init__(self, format=None, compress_min_length=0, compressor="zlib",
+                 signing_keys=None):
+        self.format = format or PickleFormat()
+        self.compress_min_length = compress_min_length
+        self.compressor = compressor
+        if compressor == "zstd":
+            zstandard = _zstd()
+            self._zstd_compress = zstandard.ZstdCompressor().compress
+        # The first key signs; every key verifies (SECRET_KEY_FALLBACKS rotation).
+        self.signing_keys = tuple(signing_keys or ())
+
+    def dumps(self, key, value):
+        """Return ``(data, flags)``; raise ``TypeError``/``pickle.PicklingError``
+        for values that cannot be stored, before anything is sent."""
+        data, flags = self.format.dumps(value)
+        if self.compress_min_length and len(data) >= self.compress_min_length:
+            if self.compressor == "zstd":
+                packed, flag = self._zstd_compress(data), FLAG_ZSTD
+            else:
+                packed, flag = zlib.compress(data), FLAG_COMPRESSED
+            if len(packed) < len(data):  # incompressible data stays as it is
+                data, flags = packed, flags | flag
+        if self.signing_keys:
+            flags |= FLAG_SIGNED
+            data = self._mac(self.signing_keys[0], key, flags, data) + data
+        return data, flags
+
+    def loads(self, key, data, flags):
+        """The value of an item, or ``CorruptValue``."""
+        try:
+            if self.signing_keys:
+                data = self._verified(key, data, flags)
+                flags &= ~FLAG_SIGNED
+            if flags & FLAG_COMPRESSED:
+                data = zlib.decompress(data)
+                flags &= ~FLAG_COMPRESSED
+            elif flags & FLAG_ZSTD:
+                zstandard = _zstd()
+                if zstandard is None:
+                    raise CorruptValue("zstd-compressed item, and zstandard is not installed")
+                data = zstandard.ZstdDecompressor().decompress(data)
+                flags &= ~FLAG_ZSTD
+            return self.format.loads(data, flags)
+        except CorruptValue:
+            raise
         except Exception as exc:
             raise CorruptValue("cannot decode item with flags %d: %r" % (flags, exc)) from exc
-        raise CorruptValue("unknown flags %d" % flags)
+
+    def _mac(self, secret, key, flags, data):
+        # Key and flags are signed too: a valid item copied under another key,
+        # or with other flags, is refused as well.
+        from django.utils.crypto import salted_hmac
+
+        message = b"%s\0%d\0%s" % (key.encode("utf-8"), flags, data)
+        return salted_hmac(_MAC_SALT, message, secret=secret, algorithm="sha256").digest()
+
+    def _verified(self, key, data, flags):
+        if not flags & FLAG_SIGNED or len(data) < _MAC_SIZE:
+            raise CorruptValue("unsigned item, and SIGN_VALUES is on")
+        mac, payload = data[:_MAC_SIZE], data[_MAC_SIZE:]
+        for secret in self.signing_keys:
+            if hmac.compare_digest(mac, self._mac(secret, key, flags, payload)):
+                return payload
+        raise CorruptValue("bad signature")
+
+
+def serializer_for(options):
+    """The ``Serializer`` an ``Options`` asks for; signing keys come from
+    Django's settings unless OPTIONS gives ``SIGNING_KEY``."""
+    formats = {"pickle": PickleFormat, "json": JSONFormat}
+    if options.serializer in formats:
+        fmt = formats[options.serializer]()
+    else:
+        fmt = SerdeFormat(options.serializer)
+    keys = ()
+    if options.sign_values:
+        if options.signing_key:
+            keys = (options.signing_key,)
+        else:
+            from django.conf import settings
+
+            keys = (settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ()))
+    return Serializer(fmt, options.compress_min_length, options.compressor, keys)
