@@ -10,6 +10,7 @@ Values are serialized before a connection is taken and decoded after it is
 given back, so a bad value or a corrupt item never touches a connection.
 """
 
+import atexit
 import logging
 import os
 import random
@@ -426,6 +427,11 @@ def reset_registry():
         _registry.clear()
     for client in clients:
         client.close()
+
+
+# Close pooled sockets at interpreter exit instead of leaving them to the
+# garbage collector (which warns about each one).
+atexit.register(reset_registry)
 
 
 def _reset_lock_after_fork():
