@@ -6,11 +6,12 @@ come from Django's ``BaseMemcachedCache.get_backend_timeout`` (None: never
 expire, 0: expire now, more than 30 days: absolute time).
 """
 
+import asyncio
 import re
 import threading
+from functools import partial
 
 import pymemcache
-from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import (
     DEFAULT_TIMEOUT,
     InvalidCacheKey,
@@ -47,13 +48,16 @@ def _options_for(server, params):
 def _async(name):
     """An ``a*`` method that runs the sync one in a worker thread.
 
-    Django's defaults use ``thread_sensitive=True``, which funnels every
-    cache call of the process through ONE thread; the pool is thread-safe,
-    so concurrent awaits here run concurrently.
+    Django's defaults use ``sync_to_async(thread_sensitive=True)``, which
+    funnels every cache call of the process through ONE thread. The pool is
+    thread-safe, so here concurrent awaits run concurrently, in the event
+    loop's default executor; ``run_in_executor`` costs less per call than
+    ``sync_to_async`` (a cache call needs no context variables).
     """
 
     async def method(self, *args, **kwargs):
-        return await sync_to_async(getattr(self, name), thread_sensitive=False)(*args, **kwargs)
+        call = partial(getattr(self, name), *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(None, call)
 
     method.__name__ = method.__qualname__ = "a" + name
     method.__doc__ = "Async version of ``%s``, run concurrently in a worker thread." % name

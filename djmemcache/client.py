@@ -38,8 +38,12 @@ MISS = object()
 # staleness check: the command never ran, a fresh connection will do.
 _LOST_CONNECTION = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
 
+# A timed-out call: Python's socket timeout, or EAGAIN from the kernel
+# timeouts that connection.py sets instead.
+_TIMEOUTS = (TimeoutError, BlockingIOError)
+
 # Errors that say the server itself is unreachable or hung: blacklist it.
-_SERVER_DOWN = (TimeoutError, ConnectionRefusedError)
+_SERVER_DOWN = _TIMEOUTS + (ConnectionRefusedError,)
 
 
 class Client:
@@ -51,7 +55,7 @@ class Client:
         clock = options.clock or time.monotonic
         self.clock = clock
         tls = tls_context_for(options)
-        self.pools = tuple(HostPool(s, options, connection_class, clock, tls) for s in self.servers)
+        self.pools = tuple(HostPool(s, options, connection_class, tls) for s in self.servers)
         self.blacklist = Blacklist(self.servers, options.blacklist_time, clock)
         self.rendezvous = Rendezvous([s.node for s in self.servers])
         self.serializer = serializer_for(options)
@@ -212,7 +216,7 @@ class Client:
             banned = self.blacklist.ban(index, reason)
             if banned:
                 self.pools[index].clear_idle()
-        self.pools[index].record_failure(isinstance(exc, TimeoutError), banned)
+        self.pools[index].record_failure(isinstance(exc, _TIMEOUTS), banned)
         return ServerError(
             "memcached server %s: %s" % (server, reason), server=str(server), command=command
         )
@@ -398,7 +402,7 @@ class _SendStore:
 
 
 def _describe(exc):
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, _TIMEOUTS):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
