@@ -164,7 +164,9 @@ class Client:
         if retry and conn.reused and isinstance(exc, _LOST_CONNECTION):
             logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
             return self._call(index, command, method, *args, anywhere=anywhere)
-        if isinstance(exc, (MemcacheClientError, MemcacheServerError)):
+        if isinstance(exc, (MemcacheClientError, MemcacheServerError)) and not isinstance(
+            exc, MemcacheUnexpectedCloseError  # pymemcache files it under server errors
+        ):
             raise exc  # a complete reply about this command: no fault of the server's
         raise self._server_failed(index, command, exc) from exc
 
