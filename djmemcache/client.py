@@ -23,8 +23,8 @@ from pymemcache.exceptions import (
     MemcacheUnexpectedCloseError,
 )
 
-from djmemcache.exceptions import DjmemcacheError, NoServerAvailable, PoolTimeout, ServerError
 from djmemcache.connection import Connection, tls_context_for
+from djmemcache.exceptions import DjmemcacheError, NoServerAvailable, PoolTimeout, ServerError
 from djmemcache.pool import HostPool
 from djmemcache.serializer import CorruptValue, serializer_for
 from djmemcache.servers import Blacklist, Rendezvous

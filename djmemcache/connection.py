@@ -262,7 +262,7 @@ class Connection(_PymemcacheClient):
         connection stays in step) are per-item outcomes, not errors.
         """
         outcome = {}
-        for key, line in zip(keys, self._read_lines(len(keys))):
+        for key, line in zip(keys, self._read_lines(len(keys)), strict=True):
             if line == b"STORED":
                 outcome[key] = None
             elif line == b"NOT_STORED" or line.startswith(b"SERVER_ERROR"):
@@ -283,7 +283,7 @@ class Connection(_PymemcacheClient):
     def read_delete_many(self, keys):
         """``{key: True if it existed}``."""
         outcome = {}
-        for key, line in zip(keys, self._read_lines(len(keys))):
+        for key, line in zip(keys, self._read_lines(len(keys)), strict=True):
             if line == b"DELETED" or line == b"NOT_FOUND":
                 outcome[key] = line == b"DELETED"
             else:

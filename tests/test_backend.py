@@ -11,6 +11,7 @@ from django.test import override_settings
 
 from djmemcache.backend import PyMemcacheCache
 from djmemcache.client import client_for
+
 from helpers import raw_command, request, run_threads
 
 BACKEND = "djmemcache.backend.PyMemcacheCache"
@@ -72,7 +73,7 @@ def test_connections_stay_within_max_pool_size_with_32_threads(mc3):
 
         before = [m.stats()["total_connections"] for m in mc3]
         assert run_threads(32, work) == []
-        opened = [m.stats()["total_connections"] - b - 1 for m, b in zip(mc3, before)]
+        opened = [m.stats()["total_connections"] - b - 1 for m, b in zip(mc3, before, strict=True)]
         pools = caches["default"].client.pools
     assert all(n <= 3 for n in opened), opened
     assert sum(p.opened for p in pools) == sum(opened)  # 960 requests, at most 9 connections

@@ -10,6 +10,7 @@ from django.core.cache import caches
 from django.test import override_settings
 
 from djmemcache import PoolTimeout
+
 from helpers import Traffic, run_threads, value_for
 
 BACKEND = "djmemcache.backend.PyMemcacheCache"

@@ -9,6 +9,7 @@ import pytest
 from djmemcache import PoolTimeout, ServerError
 from djmemcache.options import parse_options
 from djmemcache.pool import HostPool
+
 from helpers import run_threads
 
 

@@ -8,6 +8,7 @@ from django.core.cache import caches
 from django.test import override_settings
 
 from djmemcache import NoServerAvailable
+
 from helpers import Traffic, value_for
 
 pytestmark = pytest.mark.slow

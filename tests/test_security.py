@@ -7,6 +7,7 @@ import pickle
 import pytest
 
 from djmemcache import ServerError
+
 from helpers import raw_command
 
 

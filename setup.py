@@ -1,0 +1,49 @@
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read(name):
+    with open(os.path.join(HERE, name), encoding="utf-8") as f:
+        return f.read()
+
+
+VERSION = re.search(r'^__version__ = "([^"]+)"', read("djmemcache/__init__.py"), re.M).group(1)
+
+setup(
+    name="djmemcache",
+    version=VERSION,
+    description="Django cache backend for memcached with a process-wide connection pool, "
+                "built on pymemcache",
+    long_description=read("README.rst"),
+    long_description_content_type="text/x-rst",
+    license="Apache-2.0",
+    packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "demo", "demo.*"]),
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=["Django>=4.2", "pymemcache>=4.0", "mmh3>=4.0"],
+    extras_require={
+        "test": ["pytest>=7", "trustme>=1.0", "zstandard>=0.20"],
+        "zstd": ["zstandard>=0.20"],
+        "bench": ["pylibmc>=1.6"],
+    },
+    classifiers=[
+        "Development Status :: 5 - Production/Stable",
+        "Environment :: Web Environment",
+        "Framework :: Django",
+        "Framework :: Django :: 4.2",
+        "Framework :: Django :: 5.2",
+        "Intended Audience :: Developers",
+        "License :: OSI Approved :: Apache Software License",
+        "Operating System :: POSIX",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Topic :: Internet :: WWW/HTTP",
+    ],
+)
