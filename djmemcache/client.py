@@ -274,22 +274,22 @@ class Client:
                     found[key] = value
         return found
 
-    def _store(self, command, key, value, expire):
-        items = {key: self.serializer.dumps(key, value)}
-        try:
-            outcome = self._call(
-                self._index_for(key), command, Connection.store, command.encode(), items, expire,
-                retry=command == "set",
-            )
-        except DjmemcacheError as exc:
-            return self._failed(exc, command, False)
-        return self._stored(command, key, outcome[key])
-
     def set(self, key, value, expire):
-        return self._store("set", key, value, expire)
+        item = self.serializer.dumps(key, value)
+        try:
+            reason = self._call(self._index_for(key), "set", Connection.store_one, b"set", key, item, expire,
+                                retry=True)
+        except DjmemcacheError as exc:
+            return self._failed(exc, "set", False)
+        return reason is None or self._stored("set", key, reason)
 
     def add(self, key, value, expire):
-        return self._store("add", key, value, expire)
+        item = self.serializer.dumps(key, value)
+        try:
+            reason = self._call(self._index_for(key), "add", Connection.store_one, b"add", key, item, expire)
+        except DjmemcacheError as exc:
+            return self._failed(exc, "add", False)
+        return reason is None or self._stored("add", key, reason)
 
     def set_many(self, mapping, expire):
         """Store every item; return the keys that were not stored."""

@@ -271,8 +271,24 @@ class Connection(_PymemcacheClient):
                 _raise_error_line(line)
         return outcome
 
-    def store(self, command, items, expire):
-        return self.read_store(self.send_store(command, items, expire))
+    def store_one(self, command, key, item, expire):
+        """``None`` when stored, else the reason (NOT_STORED, SERVER_ERROR ...)."""
+        data, flags = item
+        self.sock.sendall(b"%s %s %d %d %d\r\n%s\r\n" % (
+            command, self.key_prefix + key.encode("utf-8"), flags, expire, len(data), data))
+        line = self.sock.recv(RECV_SIZE)
+        if line == b"STORED\r\n":
+            return None
+        if not line:
+            raise MemcacheUnexpectedCloseError()
+        while not line.endswith(b"\r\n"):
+            line += self._recv()
+        line = line[:-2]
+        if b"\r\n" in line:
+            raise MemcacheUnknownError(b"unexpected data after reply: %r" % line[-64:])
+        if line == b"NOT_STORED" or line.startswith(b"SERVER_ERROR"):
+            return line.decode("ascii", "replace")
+        _raise_error_line(line)
 
     # -- the rest -----------------------------------------------------------
 

@@ -1,0 +1,343 @@
+"""djmemcache against Django's built-in memcached backends, in one run.
+
+    python benchmarks/bench.py [--quick] [--rounds N]      (or: make bench)
+
+Starts its own memcached servers on free loopback ports, then runs the same
+workloads through Django's public cache API for each backend, rounds
+interleaved (A B C D A B C D ...), and prints the medians with the ratio of
+djmemcache to each other backend (> 1 means djmemcache is better, whether the
+metric is a rate or a time). The last line, ``BENCH_JSON {...}``, is for
+machines. Timing is never asserted anywhere: this script only reports.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+BACKENDS = {
+    "djmemcache": ("djmemcache.backend.PyMemcacheCache", {}),
+    "django": ("django.core.cache.backends.memcached.PyMemcacheCache", {}),
+    "django-pooled": ("django.core.cache.backends.memcached.PyMemcacheCache", {"use_pooling": True}),
+    "pylibmc": ("django.core.cache.backends.memcached.PyLibMCCache", {}),
+}
+
+
+# -- memcached servers -------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Memcached:
+    def __init__(self):
+        self.port = free_port()
+        command = ["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-m", "64", "-t", "2"]
+        if os.geteuid() == 0:
+            command += ["-u", "root"]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("memcached did not start")
+
+    location = property(lambda self: "127.0.0.1:%d" % self.port)
+
+    def stat(self, name):
+        with socket.create_connection(("127.0.0.1", self.port), 5) as sock:
+            sock.sendall(b"stats\r\n")
+            data = b""
+            while not data.endswith(b"END\r\n"):
+                data += sock.recv(65536)
+        for line in data.split(b"\r\n"):
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == name.encode():
+                return int(parts[2])
+        raise KeyError(name)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(5)
+
+
+def ensure_pylibmc():
+    try:
+        import pylibmc  # noqa: F401
+        return True
+    except ImportError:
+        pass
+    print("pylibmc is not installed; trying `pip install pylibmc` (needs Debian libmemcached-dev)...")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "pylibmc"],
+                            capture_output=True, text=True)
+    if result.returncode:
+        print("  could not build pylibmc (apt-get install libmemcached-dev): its column is left out")
+        return False
+    return True
+
+
+# -- workloads ----------------------------------------------------------------
+
+def request_loop(alias, threads, requests_per_thread):
+    """Requests of 3 gets + 1 set, each wrapped in request_started/finished,
+    as Django's handler does (request_finished calls close() on the caches)."""
+    from django.core.cache import caches
+    from django.core.signals import request_finished, request_started
+
+    def worker(offset):
+        for i in range(requests_per_thread):
+            request_started.send(sender=None)
+            cache = caches[alias]
+            n = (i + offset) % 100
+            cache.get("user:%d" % n)
+            cache.get("page:%d" % (n % 20))
+            cache.get("missing:%d" % n)
+            cache.set("user:%d" % n, {"id": n, "name": "user %d" % n})
+            request_finished.send(sender=None)
+
+    workers = [threading.Thread(target=worker, args=(t * 7,)) for t in range(threads)]
+    started = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return threads * requests_per_thread / (time.perf_counter() - started)
+
+
+def hot_loop(alias, n):
+    from django.core.cache import caches
+
+    cache = caches[alias]
+    cache.set("hot", "small value")
+    started = time.perf_counter()
+    for _ in range(n):
+        cache.get("hot")
+    get_us = (time.perf_counter() - started) / n * 1e6
+    started = time.perf_counter()
+    for _ in range(n):
+        cache.set("hot", "small value")
+    set_us = (time.perf_counter() - started) / n * 1e6
+    return get_us, set_us
+
+
+def many_ops(alias, calls):
+    from django.core.cache import caches
+
+    cache = caches[alias]
+    data = {"many:%d" % i: {"i": i} for i in range(50)}
+    keys = list(data)
+    timings = {}
+    for name, call in (("set_many", lambda: cache.set_many(data)),
+                       ("get_many", lambda: cache.get_many(keys)),
+                       ("delete_many", lambda: cache.delete_many(keys))):
+        call()
+        started = time.perf_counter()
+        for _ in range(calls):
+            call()
+        timings[name] = (time.perf_counter() - started) / calls * 1e6
+    return timings
+
+
+def async_load(alias, requests, concurrency):
+    """ASGI-style: many tasks awaiting cache calls at once. Returns requests/s
+    and, for djmemcache, the most pooled connections busy at one moment
+    (Django's backends run every a* call in one thread: one at a time)."""
+    from django.core.cache import caches
+
+    cache = caches[alias]
+    peak = [1]
+    stop = threading.Event()
+    pool = getattr(getattr(cache, "client", None), "pools", [None])[0]
+
+    def sample():
+        while pool is not None and not stop.is_set():
+            peak[0] = max(peak[0], pool.status()["in_use"])
+            time.sleep(0.001)
+
+    async def one(i, semaphore):
+        async with semaphore:
+            await cache.aget("user:%d" % (i % 100))
+            await cache.aget("page:%d" % (i % 20))
+            await cache.aget("missing:%d" % i)
+            await cache.aset("user:%d" % (i % 100), i)
+
+    async def main():
+        semaphore = asyncio.Semaphore(concurrency)
+        started = time.perf_counter()
+        await asyncio.gather(*[one(i, semaphore) for i in range(requests)])
+        return requests / (time.perf_counter() - started)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        rate = asyncio.run(main())
+    finally:
+        stop.set()
+        sampler.join()
+    return rate, peak[0]
+
+
+def raw_get_us(server, n):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.perf_counter()
+        for _ in range(n):
+            sock.sendall(b"get :1:hot\r\n")
+            data = sock.recv(65536)
+            while not data.endswith(b"END\r\n"):
+                data += sock.recv(65536)
+        return (time.perf_counter() - started) / n * 1e6
+
+
+def placement_us(nodes, n):
+    from pymemcache.client.rendezvous import RendezvousHash
+
+    from djmemcache.servers import Rendezvous
+
+    ours, theirs = Rendezvous(nodes), RendezvousHash(nodes=list(nodes))
+    keys = [":1:key-%d" % i for i in range(n)]
+    everyone = tuple(range(len(nodes)))
+    started = time.perf_counter()
+    for key in keys:
+        ours.choose(key, everyone)
+    ours_us = (time.perf_counter() - started) / n * 1e6
+    started = time.perf_counter()
+    for key in keys:
+        theirs.get_node(key)
+    return ours_us, (time.perf_counter() - started) / n * 1e6
+
+
+# -- running and reporting ------------------------------------------------------
+
+def configure(servers, backends):
+    import django
+    from django.conf import settings
+
+    caches = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    for name in backends:
+        path, options = BACKENDS[name]
+        caches[name + "@1"] = {"BACKEND": path, "LOCATION": servers[0].location, "OPTIONS": dict(options)}
+        caches[name + "@3"] = {"BACKEND": path, "LOCATION": [s.location for s in servers],
+                               "OPTIONS": dict(options)}
+    settings.configure(SECRET_KEY="bench", CACHES=caches, USE_TZ=True, DATABASES={})
+    django.setup()
+
+
+def connections_opened(servers, run):
+    before = sum(s.stat("total_connections") for s in servers)
+    result = run()
+    after = sum(s.stat("total_connections") for s in servers)
+    return result, after - before - len(servers)  # minus the stats calls' own
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about a minute)")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 7)
+    scale = 0.4 if args.quick else 1.0
+    per_thread = int(300 * scale)
+
+    if not shutil.which("memcached"):
+        sys.exit("memcached is not installed: `apt-get install memcached` (or `make bench`)")
+    backends = [b for b in BACKENDS if b != "pylibmc" or ensure_pylibmc()]
+    servers = [Memcached() for _ in range(3)]
+    try:
+        configure(servers, backends)
+        samples = {}
+
+        def record(metric, backend, value):
+            samples.setdefault(metric, {}).setdefault(backend, []).append(value)
+
+        for n in range(rounds):
+            print("round %d/%d" % (n + 1, rounds), flush=True)
+            for name in backends:
+                for count in (1, 3):
+                    rate, opened = connections_opened(
+                        servers, lambda name=name, count=count: request_loop(
+                            "%s@%d" % (name, count), 8, per_thread))
+                    record("request loop, 8 threads, %d server%s (req/s)" % (count, "s" * (count > 1)),
+                           name, rate)
+                    if count == 3:
+                        record("connections opened per 1,000 requests (3 servers)", name,
+                               opened * 1000.0 / (8 * per_thread))
+                get_us, set_us = hot_loop(name + "@1", int(4000 * scale))
+                record("hot loop: cache.get (us)", name, get_us)
+                record("hot loop: cache.set (us)", name, set_us)
+                for op, us in many_ops(name + "@3", int(200 * scale)).items():
+                    record("%s of 50 keys, 3 servers (us)" % op, name, us)
+                if name == "djmemcache":  # the bare round trip, measured right next to ours
+                    record("hot loop: cache.get (us)", "raw socket", raw_get_us(servers[0], int(4000 * scale)))
+                rate, peak = async_load(name + "@1", int(2000 * scale), 50)
+                record("async: 50 tasks x 4 awaits (req/s)", name, rate)
+                if name == "djmemcache":
+                    record("async: pooled connections busy at once (peak)", name, peak)
+        ours_us, theirs_us = placement_us([s.location for s in servers], 100_000)
+    finally:
+        for server in servers:
+            server.stop()
+
+    medians = {m: {b: statistics.median(v) for b, v in by.items()} for m, by in samples.items()}
+    medians["server choice per key, 3 servers (us)"] = {"djmemcache": ours_us, "pymemcache": theirs_us}
+    report(medians, backends, rounds)
+
+
+LOWER_IS_BETTER = ("(us)", "connections opened")
+
+
+def ratio(metric, ours, theirs):
+    if not ours or not theirs:
+        return None
+    return theirs / ours if any(k in metric for k in LOWER_IS_BETTER) else ours / theirs
+
+
+def report(medians, backends, rounds):
+    others = [b for b in backends if b != "djmemcache"] + ["raw socket", "pymemcache"]
+    columns = ["djmemcache"] + others
+    width = max(len(m) for m in medians) + 2
+    header = "%-*s" % (width, "workload (median of %d rounds)" % rounds)
+    header += "".join("%15s" % c for c in columns)
+    header += "".join("%14s" % ("ours/" + c[:8]) for c in others)
+    print()
+    print(header)
+    print("-" * len(header))
+    ratios = {}
+    for metric, by in medians.items():
+        row = "%-*s" % (width, metric)
+        for c in columns:
+            value = by.get(c)
+            row += "%15s" % ("" if value is None else ("%.1f" % value if value < 100 else "%.0f" % value))
+        for c in others:
+            r = ratio(metric, by.get("djmemcache"), by.get(c))
+            if r is not None:
+                ratios.setdefault(metric, {})[c] = r
+            row += "%14s" % ("" if r is None else "%.2fx" % r)
+        print(row)
+    print("-" * len(header))
+    print("ours/x > 1 means djmemcache is better: more requests per second, fewer")
+    print("microseconds or connections. 'raw socket': a bare socket doing the same get.")
+    print("BENCH_JSON " + json.dumps({"medians": medians, "ratios": ratios, "rounds": rounds},
+                                     separators=(",", ":"), sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
