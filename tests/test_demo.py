@@ -1,0 +1,41 @@
+"""The demo, end to end, shortened: it runs, reports, and leaves nothing behind."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.slow
+
+
+def _children_of(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def test_demo_serves_traffic_through_a_hung_server_and_cleans_up():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + sys.path))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "demo", "run.py"), "--duration", "6",
+                             "--compare-seconds", "2", "--threads", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert _children_of(proc.pid) == []
+    assert "errors (non-200)" in out and re.search(r"errors \(non-200\)\s+0\b", out), out
+    assert re.search(r"blacklisted", out) and "SIGCONT sent" in out
+    ours = int(re.search(r"memcached connections opened\s+(\d+) for", out).group(1))
+    django = int(re.search(r"Django's PyMemcacheCache\s+(\d+) for", out).group(1))
+    assert ours < django
