@@ -197,6 +197,8 @@ def run(args):
 
     print("djmemcache demo: a Django site on %d memcached server%s: %s"
           % (len(locations), "s" * (len(locations) > 1), ", ".join(locations)))
+    if servers:
+        print("memcached pids: %s" % " ".join(str(s.proc.pid) for s in servers))
     site = Site(locations, "djmemcache.backend.PyMemcacheCache")
     print("site served by a threaded WSGI server (thread per connection), pid %d, port %d"
           % (site.proc.pid, site.port))
