@@ -14,6 +14,7 @@ from functools import partial
 import pymemcache
 from django.core.cache.backends.base import (
     DEFAULT_TIMEOUT,
+    BaseCache,
     InvalidCacheKey,
     memcache_key_warnings,
 )
@@ -71,6 +72,7 @@ class PyMemcacheCache(BaseMemcachedCache):
         super().__init__(server, params, library=pymemcache, value_not_found_exception=KeyError)
         self.config = _options_for(server, params)
         self._max_key_bytes = MAX_KEY_LENGTH - len(self.config.key_prefix)
+        self._plain_make_key = type(self).make_key is BaseCache.make_key
         if self.config.use_pooling:
             self._client = client_for(self.config)
         else:
@@ -107,6 +109,18 @@ class PyMemcacheCache(BaseMemcachedCache):
             "Cache key will cause errors if used with memcached: %r (longer than %s "
             "bytes once UTF-8 encoded with the KEY_PREFIX option)" % (key, self._max_key_bytes)
         )
+
+    def make_and_validate_key(self, key, version=None):
+        # Django's make_key and validate_key, in one call for the hot path
+        # (unless a subclass customises make_key).
+        if self._plain_make_key:
+            key = self.key_func(key, self.key_prefix, self.version if version is None else version)
+        else:
+            key = self.make_key(key, version=version)
+        if _BAD_KEY_CHAR.search(key) is None and key.isascii() and len(key) <= self._max_key_bytes:
+            return key
+        self.validate_key(key)
+        return key
 
     def get(self, key, default=None, version=None):
         key = self.make_and_validate_key(key, version=version)
