@@ -274,3 +274,24 @@ def test_async_api(make_cache, mc1):
 def test_backend_is_a_django_memcached_backend():
     from django.core.cache.backends.memcached import BaseMemcachedCache
     assert issubclass(PyMemcacheCache, BaseMemcachedCache)
+
+
+def test_compression_reads_old_plain_items_and_writes_pymemcache_compressed_flags(make_cache, mc1):
+    from pymemcache.client.base import Client as PymemcacheClient
+    from pymemcache.serde import CompressedSerde
+
+    plain = make_cache(mc1.location)
+    compressing = make_cache(mc1.location, {"COMPRESS_MIN_LENGTH": 100})
+    big = {"text": "lorem ipsum " * 500}
+    plain.set("old", big)
+    assert compressing.get("old") == big  # an item written before compression was on
+    compressing.set("new", big)
+    compressing.set("small", "tiny")
+    header = raw_command(mc1.location, b"get :1:new\r\n").split(b"\r\n")[0].split()
+    assert int(header[2]) == 1 | 8 and int(header[3]) < 500  # pickle, compressed, small
+    assert plain.get("new") == big and compressing.get("small") == "tiny"
+    reader = PymemcacheClient(mc1.location, serde=CompressedSerde())
+    try:
+        assert reader.get(":1:new") == big  # pymemcache's own compressed serde reads it
+    finally:
+        reader.close()
