@@ -129,3 +129,23 @@ def test_rejected_pymemcache_arguments_say_why(name):
 def test_none_timeouts_are_allowed():
     options = parse_options("a:1", {"TIMEOUT": None, "POOL_TIMEOUT": None})
     assert options.timeout is None and options.pool_timeout is None
+
+
+def test_serializer_accepts_a_dotted_path_to_a_serde():
+    from pymemcache.serde import PickleSerde
+
+    options = parse_options("a:1", {"SERIALIZER": "pymemcache.serde.PickleSerde"})
+    assert isinstance(options.serializer, PickleSerde)
+    assert parse_options("a:1", {"serde": "json"}).serializer == "json"
+    with pytest.raises(ImproperlyConfigured, match="SERIALIZER"):
+        parse_options("a:1", {"SERIALIZER": "no.such.Serde"})
+
+
+def test_tls_options_imply_tls_and_reject_unix_sockets(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    assert parse_options("a:1", {"TLS_CA_FILE": str(ca)}).tls is True
+    with pytest.raises(ImproperlyConfigured, match="unix"):
+        parse_options("unix:/tmp/x.sock", {"TLS": True})
+    with pytest.raises(ImproperlyConfigured, match="TLS_CA_FILE"):
+        parse_options("a:1", {"TLS_CA_FILE": str(tmp_path / "missing.pem")})

@@ -179,3 +179,28 @@ def test_pool_repr_shows_its_state(mc1):
     pool.release(conn)
     assert "in_use=0 idle=1" in repr(pool)
     pool.clear_idle()
+
+
+def test_pool_idle_timeout_replaces_connections_idle_too_long(mc1):
+    pool = _pool(mc1.location, POOL_IDLE_TIMEOUT=0.1)
+    conn = pool.acquire()
+    pool.release(conn)
+    assert pool.acquire() is conn  # fresh enough
+    pool.release(conn)
+    time.sleep(0.2)
+    replacement = pool.acquire()
+    assert replacement is not conn and conn.sock is None and pool.opened == 2
+    pool.release(replacement)
+    pool.clear_idle()
+
+
+@pytest.mark.parametrize("no_delay, expected", [(True, 1), (False, 0)])
+def test_no_delay_option_sets_tcp_nodelay(mc1, no_delay, expected):
+    import socket
+
+    pool = _pool(mc1.location, NO_DELAY=no_delay)
+    conn = pool.acquire()
+    try:
+        assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == expected
+    finally:
+        pool.discard(conn)
