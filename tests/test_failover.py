@@ -167,3 +167,21 @@ def test_random_distribution_uses_every_live_server(memcached_factory):
         assert client.get(":1:x") is MISS
     finally:
         client.close()
+
+
+def test_pipelined_many_ops_keep_the_healthy_servers_answers(make_cache, memcached_factory):
+    servers = [memcached_factory() for _ in range(3)]
+    cache = make_cache([s.location for s in servers], {"TIMEOUT": 0.5})
+    data = {"key-%d" % i: i for i in range(60)}
+    assert cache.set_many(data) == []
+    servers[1].kill()
+    found = cache.get_many(list(data))
+    assert 0 < len(found) < 60 and all(data[k] == v for k, v in found.items())
+    # The dead server's keys now go to the others: a set_many stores everything.
+    assert cache.set_many(data) == []
+    assert cache.get_many(list(data)) == data
+    cache.delete_many(list(data))
+    assert cache.get_many(list(data)) == {}
+    strict = make_cache([s.location for s in servers], {"TIMEOUT": 0.5, "IGNORE_EXC": False, "BLACKLIST_TIME": 0})
+    with pytest.raises(ServerError):
+        strict.get_many(list(data))
