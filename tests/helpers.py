@@ -5,6 +5,16 @@ import threading
 
 from django.core.signals import request_finished, request_started
 
+#: The OPTIONS of djmemcache 0.13's README, which must keep working verbatim.
+OLD_013_OPTIONS = {
+    "MAX_POOL_SIZE": 100,
+    "KEY_PREFIX": b"uuboard_prefix",
+    "TIMEOUT": 30,
+    "CONNECT_TIMEOUT": 30,
+    "IGNORE_EXC": True,
+    "USE_POOLING": True,
+}
+
 
 def raw_command(location, command, until=b"END\r\n", timeout=5):
     """Send one command over a fresh socket and return the raw reply bytes."""

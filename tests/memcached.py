@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from helpers import raw_command
+
 HOST = "127.0.0.1"
 
 
@@ -174,23 +176,7 @@ class MemcachedProcess(_Process):
                 time.sleep(0.1)
 
     def command(self, command, until=b"END\r\n"):
-        if self.unix_path:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address = self.unix_path
-        else:
-            sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
-            address = (self.host, self.port)
-        with sock:
-            sock.settimeout(5)
-            sock.connect(address)
-            sock.sendall(command)
-            data = b""
-            while not data.endswith(until):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        return data
+        return raw_command(self.location, command, until)
 
     def stats(self):
         """memcached's ``stats``, numbers as ints (this call opens one connection)."""

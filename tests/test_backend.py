@@ -12,17 +12,9 @@ from django.test import override_settings
 from djmemcache.backend import PyMemcacheCache
 from djmemcache.client import client_for
 
-from helpers import raw_command, request, run_threads
+from helpers import OLD_013_OPTIONS, raw_command, request, run_threads
 
 BACKEND = "djmemcache.backend.PyMemcacheCache"
-OLD_013_OPTIONS = {
-    "MAX_POOL_SIZE": 100,
-    "KEY_PREFIX": b"uuboard_prefix",
-    "TIMEOUT": 30,
-    "CONNECT_TIMEOUT": 30,
-    "IGNORE_EXC": True,
-    "USE_POOLING": True,
-}
 
 
 def test_djmemcache_013_settings_example_works_verbatim(mc1):

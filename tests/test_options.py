@@ -5,18 +5,11 @@ from django.core.exceptions import ImproperlyConfigured
 
 from djmemcache.options import Options, parse_options
 
-OLD_013_EXAMPLE = {
-    "MAX_POOL_SIZE": 100,
-    "KEY_PREFIX": b"uuboard_prefix",
-    "TIMEOUT": 30,
-    "CONNECT_TIMEOUT": 30,
-    "IGNORE_EXC": True,
-    "USE_POOLING": True,
-}
+from helpers import OLD_013_OPTIONS
 
 
 def test_djmemcache_013_example_options_work_verbatim():
-    options = parse_options("", OLD_013_EXAMPLE)
+    options = parse_options("", OLD_013_OPTIONS)
     assert options.max_pool_size == 100
     assert options.key_prefix == b"uuboard_prefix"
     assert options.timeout == 30.0
@@ -27,8 +20,8 @@ def test_djmemcache_013_example_options_work_verbatim():
 
 
 def test_option_names_are_case_insensitive_like_013():
-    lower = parse_options("a:1", {k.lower(): v for k, v in OLD_013_EXAMPLE.items()})
-    assert lower == parse_options("a:1", OLD_013_EXAMPLE)
+    lower = parse_options("a:1", {k.lower(): v for k, v in OLD_013_OPTIONS.items()})
+    assert lower == parse_options("a:1", OLD_013_OPTIONS)
 
 
 def test_defaults():
