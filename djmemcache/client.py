@@ -86,11 +86,17 @@ class Client:
 
     def _group(self, keys):
         """Keys by server index (one group in random mode: any server serves any key)."""
+        if not keys:
+            return {}
         if self._random:
-            return {self._index_for(None): list(keys)} if keys else {}
+            return {self._index_for(None): list(keys)}
+        live = self._live()
+        if len(live) == 1:
+            return {live[0]: list(keys)}
+        choose = self.rendezvous.choose
         groups = {}
         for key in keys:
-            groups.setdefault(self._index_for(key), []).append(key)
+            groups.setdefault(choose(key, live), []).append(key)
         return groups
 
     def _probe(self):
