@@ -356,6 +356,7 @@ def main(argv=None):
     parser.add_argument("--no-fault", action="store_true", help="do not stop a server midway")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     try:
         run(args)
     except KeyboardInterrupt:

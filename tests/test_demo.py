@@ -31,3 +31,20 @@ def test_demo_serves_traffic_through_a_hung_server_and_cleans_up():
     ours = int(re.search(r"memcached connections opened\s+(\d+) for", out).group(1))
     django = int(re.search(r"Django's PyMemcacheCache\s+(\d+) for", out).group(1))
     assert ours < django
+
+
+def test_ctrl_c_stops_everything_the_demo_started():
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + sys.path))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "demo", "run.py"), "--duration", "60",
+                             "--threads", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted: stopping everything" in out, out
+    started = [int(p) for p in re.search(r"memcached pids: ([\d ]+)", out).group(1).split()]
+    started.append(int(re.search(r"pid (\d+), port", out).group(1)))
+    assert not [pid for pid in started if _alive(pid)]
