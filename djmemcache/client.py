@@ -62,6 +62,9 @@ class Client:
         self.ignore_exc = options.ignore_exc
         self._random = options.distribution == "random"
         self._single = len(self.servers) == 1
+        self._log_lock = threading.Lock()
+        self._pool_warned_at = -1e9
+        self._pool_warnings_held = 0
 
     # -- choosing a server --------------------------------------------------
 
@@ -236,6 +239,16 @@ class Client:
             raise exc
         if isinstance(exc, NoServerAvailable):
             logger.debug("%s: %s", command, exc)  # the blacklist already logged each server
+        elif isinstance(exc, PoolTimeout):
+            # Under overload every call may time out on the pool: say so once a second.
+            with self._log_lock:
+                now = time.monotonic()
+                if now - self._pool_warned_at < 1.0:
+                    self._pool_warnings_held += 1
+                    return miss
+                held, self._pool_warnings_held, self._pool_warned_at = self._pool_warnings_held, 0, now
+            logger.warning("%s ignored (IGNORE_EXC): %s%s", command, exc,
+                           " (and %d more in the last second)" % held if held else "")
         else:
             logger.warning("%s ignored (IGNORE_EXC): %s", command, exc)
         return miss
