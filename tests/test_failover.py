@@ -185,3 +185,15 @@ def test_pipelined_many_ops_keep_the_healthy_servers_answers(make_cache, memcach
     strict = make_cache([s.location for s in servers], {"TIMEOUT": 0.5, "IGNORE_EXC": False, "BLACKLIST_TIME": 0})
     with pytest.raises(ServerError):
         strict.get_many(list(data))
+
+
+def test_errors_pickle_with_their_details():
+    import pickle
+
+    from djmemcache import PoolTimeout
+
+    error = pickle.loads(pickle.dumps(ServerError("down", server="a:1", command="get")))
+    assert (str(error), error.server, error.command) == ("down", "a:1", "get")
+    timeout = pickle.loads(pickle.dumps(PoolTimeout("full", server="a:1")))
+    assert (str(timeout), timeout.server) == ("full", "a:1")
+    assert isinstance(pickle.loads(pickle.dumps(NoServerAvailable("none"))), ServerError)
