@@ -100,11 +100,14 @@ class PyMemcacheCache(BaseMemcachedCache):
         if _BAD_KEY_CHAR.search(key) is None and (
             len(key) <= self._max_key_bytes
             if key.isascii()
-            else len(key.encode("utf-8")) <= self._max_key_bytes
+            else self.config.allow_unicode_keys and len(key.encode("utf-8")) <= self._max_key_bytes
         ):
             return
         for warning in memcache_key_warnings(key):
             raise InvalidCacheKey(warning)
+        if not key.isascii() and not self.config.allow_unicode_keys:
+            raise InvalidCacheKey("Cache key contains non-ASCII characters and ALLOW_UNICODE_KEYS "
+                                  "is False: %r" % key)
         raise InvalidCacheKey(
             "Cache key will cause errors if used with memcached: %r (longer than %s "
             "bytes once UTF-8 encoded with the KEY_PREFIX option)" % (key, self._max_key_bytes)

@@ -74,7 +74,7 @@ REJECTED = {
                      "connection; tune BLACKLIST_TIME instead",
     "hasher": "placement is fixed to pymemcache's rendezvous hashing (DISTRIBUTION='consistent') "
               "or DISTRIBUTION='random'",
-    "default_noreply": "djmemcache always waits for replies so that failures are seen",
+    "socket_keepalive": "memcached connections are kept warm by use; TCP keepalive is not configurable",
     "socket_module": "djmemcache uses the standard socket module",
     "lock_generator": "djmemcache's pool uses threading locks",
     "encoding": "keys are always UTF-8 on the wire",
@@ -158,6 +158,14 @@ def parse_options(location, options=None, clock=None):
             raise ImproperlyConfigured("djmemcache: option names must be strings, got %r" % (raw_name,))
         name = raw_name.lower()
         name = ALIASES.get(name, name)
+        if name == "default_noreply":
+            # Django's PyMemcacheCache passes False; djmemcache always waits for replies.
+            if value is False:
+                continue
+            raise ImproperlyConfigured(
+                "djmemcache: OPTIONS[%r] = %r is not supported: djmemcache always waits for "
+                "replies so that failures are seen." % (raw_name, value)
+            )
         if name in REJECTED:
             raise ImproperlyConfigured(
                 "djmemcache: OPTIONS[%r] is not supported: %s." % (raw_name, REJECTED[name])

@@ -149,6 +149,14 @@ def test_non_ascii_keys_work_and_are_limited_in_bytes(make_cache, mc1):
         cache.get("清" * 83)  # 83 characters, 249 bytes + ":1:"
 
 
+def test_non_ascii_keys_are_refused_when_unicode_keys_are_off(make_cache, mc1):
+    cache = make_cache(mc1.location, {"ALLOW_UNICODE_KEYS": False})
+    with pytest.raises(InvalidCacheKey, match="non-ASCII"):
+        cache.get("clé")
+    cache.set("key", 1)
+    assert cache.get("key") == 1
+
+
 def test_value_too_large_deletes_old_value_and_pool_stays_healthy(make_cache, mc1):
     cache = make_cache(mc1.location, {"IGNORE_EXC": False})
     cache.set("big", "small")

@@ -113,7 +113,8 @@ def test_unknown_option_lists_accepted_names():
     assert "'MAX_POOLSIZE'" in message and "MAX_POOL_SIZE" in message and "BLACKLIST_TIME" in message
 
 
-@pytest.mark.parametrize("name", ["RETRY_ATTEMPTS", "retry_timeout", "HASHER", "DEFAULT_NOREPLY", "MAX_ENTRIES"])
+@pytest.mark.parametrize("name", ["RETRY_ATTEMPTS", "retry_timeout", "HASHER", "DEFAULT_NOREPLY", "MAX_ENTRIES",
+                                  "SOCKET_KEEPALIVE"])
 def test_rejected_pymemcache_arguments_say_why(name):
     with pytest.raises(ImproperlyConfigured, match="not supported"):
         parse_options("a:1", {name: 1})
@@ -142,3 +143,10 @@ def test_tls_options_imply_tls_and_reject_unix_sockets(tmp_path):
         parse_options("unix:/tmp/x.sock", {"TLS": True})
     with pytest.raises(ImproperlyConfigured, match="TLS_CA_FILE"):
         parse_options("a:1", {"TLS_CA_FILE": str(tmp_path / "missing.pem")})
+
+
+def test_djangos_own_pymemcache_options_are_accepted():
+    options = parse_options("a:1", {"allow_unicode_keys": True, "default_noreply": False, "no_delay": True,
+                                    "use_pooling": True, "max_pool_size": 4, "ignore_exc": False,
+                                    "connect_timeout": 1, "timeout": 1})
+    assert options.max_pool_size == 4 and options.ignore_exc is False
