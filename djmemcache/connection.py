@@ -190,13 +190,14 @@ class Connection(_PymemcacheClient):
             start = eol + 2
             end = start + int(parts[3])
             missing = end + 2 - len(buf)
-            if missing > 0:
-                chunks = [buf]
+            if missing > 0:  # a large value: read the rest at once, dropping what was parsed
+                chunks = [buf[pos:]]
                 while missing > 0:
                     chunk = recv(max(missing, RECV_SIZE))
                     chunks.append(chunk)
                     missing -= len(chunk)
                 buf = b"".join(chunks)
+                start, end, pos = start - pos, end - pos, 0
             if buf[end:end + 2] != b"\r\n":
                 raise MemcacheUnknownError(b"bad data block for " + parts[1])
             key = keys_by_wire.get(parts[1])

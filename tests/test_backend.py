@@ -1,6 +1,7 @@
 """Django's cache semantics against real memcached, and the process-wide pool."""
 
 import asyncio
+import os
 import threading
 import time
 
@@ -295,3 +296,12 @@ def test_compression_reads_old_plain_items_and_writes_pymemcache_compressed_flag
         assert reader.get(":1:new") == big  # pymemcache's own compressed serde reads it
     finally:
         reader.close()
+
+
+def test_get_many_reads_large_values_across_many_receives(make_cache, mc3):
+    cache = make_cache([m.location for m in mc3])
+    data = {"big-%d" % i: os.urandom(200_000 + i) for i in range(12)}
+    data.update({"small-%d" % i: "s%d" % i for i in range(30)})
+    assert cache.set_many(data) == []
+    assert cache.get_many(list(data) + ["absent"]) == data
+    assert cache.get("big-3") == data["big-3"]
