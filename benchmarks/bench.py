@@ -311,30 +311,43 @@ def ratio(metric, ours, theirs):
 
 
 def report(medians, backends, rounds):
-    others = [b for b in backends if b != "djmemcache"] + ["raw socket", "pymemcache"]
-    columns = ["djmemcache"] + others
+    others = [b for b in backends if b != "djmemcache"]
+    names = {"djmemcache": "djmemcache", "django": "django", "django-pooled": "dj-pooled",
+             "pylibmc": "pylibmc"}
+    ratio_columns = [b for b in ("django", "pylibmc") if b in others]
     width = max(len(m) for m in medians) + 2
-    header = "%-*s" % (width, "workload (median of %d rounds)" % rounds)
-    header += "".join("%15s" % c for c in columns)
-    header += "".join("%14s" % ("ours/" + c[:8]) for c in others)
+    header = "%-*s" % (width, "median of %d rounds" % rounds)
+    header += "".join("%11s" % names[c] for c in ["djmemcache"] + others)
+    header += "".join("%13s" % ("ours/" + names[c]) for c in ratio_columns)
     print()
     print(header)
     print("-" * len(header))
     ratios = {}
     for metric, by in medians.items():
-        row = "%-*s" % (width, metric)
-        for c in columns:
-            value = by.get(c)
-            row += "%15s" % ("" if value is None else ("%.1f" % value if value < 100 else "%.0f" % value))
-        for c in others:
-            r = ratio(metric, by.get("djmemcache"), by.get(c))
+        for other in by:
+            r = ratio(metric, by.get("djmemcache"), by.get(other)) if other != "djmemcache" else None
             if r is not None:
-                ratios.setdefault(metric, {})[c] = r
-            row += "%14s" % ("" if r is None else "%.2fx" % r)
+                ratios.setdefault(metric, {})[other] = r
+        if metric.startswith("server choice"):
+            continue
+        row = "%-*s" % (width, metric)
+        for c in ["djmemcache"] + others:
+            value = by.get(c)
+            row += "%11s" % ("" if value is None else ("%.1f" % value if value < 100 else "%.0f" % value))
+        for c in ratio_columns:
+            r = ratios.get(metric, {}).get(c)
+            row += "%13s" % ("" if r is None else "%.2fx" % r)
         print(row)
     print("-" * len(header))
-    print("ours/x > 1 means djmemcache is better: more requests per second, fewer")
-    print("microseconds or connections. 'raw socket': a bare socket doing the same get.")
+    print("ours/x > 1 means djmemcache is better (more per second, fewer microseconds or connections).")
+    raw = medians["hot loop: cache.get (us)"].get("raw socket")
+    if raw:
+        print("a bare socket doing the same get: %.1f us (djmemcache's cache.get: %.2fx of it; a mostly"
+              % (raw, medians["hot loop: cache.get (us)"]["djmemcache"] / raw))
+        print("  idle loop can measure slower than a busier one on a VM: docs/performance.rst)")
+    choice = medians["server choice per key, 3 servers (us)"]
+    print("choosing the server of a key among 3: %.2f us (pymemcache's RendezvousHash: %.1f us, "
+          "same placement)" % (choice["djmemcache"], choice["pymemcache"]))
     print("BENCH_JSON " + json.dumps({"medians": medians, "ratios": ratios, "rounds": rounds},
                                      separators=(",", ":"), sort_keys=True))
 
