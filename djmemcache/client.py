@@ -215,10 +215,16 @@ class Client:
         return results
 
     def _settle(self, index, conn, command, exc, retry, roundtrip, batch):
+        # Never raise out of a pipeline: the other servers' connections are
+        # still checked out and must be read and given back first.
         try:
             return self._recover(index, conn, command, exc, retry, self._random, roundtrip, (batch,))
         except DjmemcacheError as error:
             return error
+        except Exception as error:  # an error reply (CLIENT_ERROR ...) to a whole batch
+            server = self.servers[index]
+            return ServerError("memcached server %s: %s %r" % (server, command, error),
+                               server=str(server), command=command)
 
     def _server_failed(self, index, command, exc):
         server = self.servers[index]
