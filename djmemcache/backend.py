@@ -171,6 +171,8 @@ class PyMemcacheCache(BaseMemcachedCache):
 
     def incr(self, key, delta=1, version=None):
         key = self.make_and_validate_key(key, version=version)
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise TypeError("incr/decr delta must be an integer, not %r" % (delta,))
         # memcached has no negative delta: incr(-n) is decr(n), as in Django.
         value = self.client.incr(key, delta)
         if value is None:

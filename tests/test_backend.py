@@ -305,3 +305,12 @@ def test_get_many_reads_large_values_across_many_receives(make_cache, mc3):
     assert cache.set_many(data) == []
     assert cache.get_many(list(data) + ["absent"]) == data
     assert cache.get("big-3") == data["big-3"]
+
+
+def test_incr_refuses_a_non_integer_delta_before_the_wire(make_cache, mc1):
+    cache = make_cache(mc1.location)
+    cache.set("n", 1)
+    for delta in (1.5, "2", None):
+        with pytest.raises(TypeError, match="integer"):
+            cache.incr("n", delta)
+    assert cache.get("n") == 1
