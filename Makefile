@@ -46,4 +46,5 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV42) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV42) build dist *.egg-info .pytest_cache .ruff_cache .tox
+	find . -name __pycache__ -type d -not -path "./.git/*" -prune -exec rm -rf {} +

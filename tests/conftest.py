@@ -45,7 +45,7 @@ def _shared_servers():
     servers = [MemcachedProcess().start() for _ in range(3)]
     yield servers
     for server in servers:
-        server.stop()
+        server.kill()  # SIGTERM would cost memcached up to a second each
 
 
 @pytest.fixture
@@ -76,21 +76,23 @@ def memcached_factory():
 
     yield start
     for server in started:
-        server.stop()
+        server.kill()  # SIGTERM would cost memcached up to a second each
 
 
 @pytest.fixture
 def unix_memcached(tmp_path):
-    with MemcachedProcess(unix_path=str(tmp_path / "memcached.sock")).start() as server:
-        yield server
+    server = MemcachedProcess(unix_path=str(tmp_path / "memcached.sock")).start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture
 def ipv6_memcached():
     if not ipv6_loopback_available():
         pytest.skip("this machine has no IPv6 loopback (::1)")
-    with MemcachedProcess(host="::1").start() as server:
-        yield server
+    server = MemcachedProcess(host="::1").start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

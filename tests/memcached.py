@@ -18,7 +18,8 @@ HOST = "127.0.0.1"
 
 def require(program, package):
     """Path of ``program``, or fail (not skip) saying how to get it."""
-    path = shutil.which(program)
+    # nutcracker lives in /usr/sbin, which is not on a normal user's PATH on Debian
+    path = shutil.which(program) or shutil.which(program, path="/usr/local/sbin:/usr/sbin:/sbin")
     if path is None:
         pytest.fail(
             "%s is not installed: run `make test` (installs it with apt-get as root) "
@@ -26,6 +27,14 @@ def require(program, package):
             pytrace=False,
         )
     return path
+
+
+def ensure_memcached():
+    return require("memcached", "memcached")
+
+
+def ensure_nutcracker():
+    return require("nutcracker", "nutcracker")
 
 
 def free_port(host=HOST):
@@ -149,7 +158,7 @@ class MemcachedProcess(_Process):
         return self.unix_path or "%s:%d" % (self.host, self.port)
 
     def start(self):
-        command = [require("memcached", "memcached"), "-U", "0", "-m", "64", "-t", "2"]
+        command = [ensure_memcached(), "-U", "0", "-m", "64", "-t", "2"]
         if os.geteuid() == 0:
             command += ["-u", "root"]
         if self.unix_path:
@@ -214,7 +223,7 @@ class Twemproxy(_Process):
                     "  auto_eject_hosts: false\n  timeout: 2000\n  servers:\n" % (HOST, self.port))
             for server in self.servers:
                 f.write("   - %s:%d:1\n" % (server.host, server.port))
-        self._spawn([require("nutcracker", "nutcracker"), "-c", config,
+        self._spawn([ensure_nutcracker(), "-c", config,
                      "-s", str(self.stats_port), "-a", HOST,
                      "-p", os.path.join(self.dir, "pid"), "-o", os.path.join(self.dir, "log")])
         self._wait_ready(HOST, self.port)
