@@ -16,7 +16,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -26,6 +25,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from memcached import MemcachedProcess  # noqa: E402 - tests/ is on the path only now
 
 BACKENDS = {
     "djmemcache": ("djmemcache.backend.PyMemcacheCache", {}),
@@ -37,47 +39,9 @@ BACKENDS = {
 
 # -- memcached servers -------------------------------------------------------
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Memcached:
-    def __init__(self):
-        self.port = free_port()
-        command = ["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-m", "64", "-t", "2"]
-        if os.geteuid() == 0:
-            command += ["-u", "root"]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 1).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("memcached did not start")
-
-    location = property(lambda self: "127.0.0.1:%d" % self.port)
-
-    def stat(self, name):
-        with socket.create_connection(("127.0.0.1", self.port), 5) as sock:
-            sock.sendall(b"stats\r\n")
-            data = b""
-            while not data.endswith(b"END\r\n"):
-                data += sock.recv(65536)
-        for line in data.split(b"\r\n"):
-            parts = line.split()
-            if len(parts) == 3 and parts[1] == name.encode():
-                return int(parts[2])
-        raise KeyError(name)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(5)
+def start_memcached():
+    """A memcached on a free loopback port: the test suite's own launcher."""
+    return MemcachedProcess().start()
 
 
 def ensure_pylibmc():
@@ -252,9 +216,9 @@ def configure(servers, backends):
 
 
 def connections_opened(servers, run):
-    before = sum(s.stat("total_connections") for s in servers)
+    before = sum(s.stats()["total_connections"] for s in servers)
     result = run()
-    after = sum(s.stat("total_connections") for s in servers)
+    after = sum(s.stats()["total_connections"] for s in servers)
     return result, after - before - len(servers)  # minus the stats calls' own
 
 
@@ -270,7 +234,7 @@ def main(argv=None):
     if not shutil.which("memcached"):
         sys.exit("memcached is not installed: `apt-get install memcached` (or `make bench`)")
     backends = [b for b in BACKENDS if b != "pylibmc" or ensure_pylibmc()]
-    servers = [Memcached() for _ in range(3)]
+    servers = [start_memcached() for _ in range(3)]
     try:
         configure(servers, backends)
         samples = {}

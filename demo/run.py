@@ -27,15 +27,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from memcached import MemcachedProcess, free_port  # noqa: E402 - tests/ is on the path only now
+
 BARS = " ▁▂▃▄▅▆▇█"
 
 children = []  # every process we started, stopped on the way out
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port, proc, what, timeout=15):
@@ -51,16 +49,15 @@ def wait_for_port(port, proc, what, timeout=15):
     sys.exit("demo: %s did not start on port %d" % (what, port))
 
 
-class Memcached:
-    def __init__(self):
-        self.port = free_port()
-        command = ["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-m", "64", "-t", "2"]
-        if os.geteuid() == 0:
-            command += ["-u", "root"]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        children.append(self.proc)
-        wait_for_port(self.port, self.proc, "memcached")
-        self.location = "127.0.0.1:%d" % self.port
+def start_memcached():
+    """A memcached on a free loopback port (the test suite's launcher),
+    stopped by ``shutdown`` with everything else."""
+    try:
+        server = MemcachedProcess().start()
+    except RuntimeError as exc:
+        sys.exit("demo: %s" % exc)
+    children.append(server.proc)
+    return server
 
 
 def memcached_stats(location):
@@ -191,7 +188,7 @@ def run(args):
     else:
         if not shutil.which("memcached"):
             sys.exit("demo: memcached is not installed: apt-get install memcached (or run `make demo`)")
-        servers = [Memcached() for _ in range(3)]
+        servers = [start_memcached() for _ in range(3)]
         locations = [s.location for s in servers]
     victim = servers[1] if servers and not args.no_fault else None
 
