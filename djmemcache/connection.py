@@ -54,7 +54,7 @@ def _libc_send():
     futex wake and often a context switch. Sending a small command to a
     socket with room in its buffer never blocks, so it need not release
     the GIL: measured with 8 threads, this halves the context switches per
-    request (20.3 -> 10.4) and system time per request by 40% (see
+    request (20.9 -> 10.6) and system time per request by 30% (see
     docs/performance.rst). None where libc's ``send`` cannot be found.
     """
     try:
