@@ -300,13 +300,7 @@ class Client:
                     pool.release(conn)
         except DjmemcacheError as exc:
             return self._failed(exc, "get", MISS)
-        if raw is None:
-            return MISS
-        try:
-            return self.serializer.loads(key, *raw)
-        except CorruptValue as exc:
-            logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
-            return MISS
+        return MISS if raw is None else self._decode(key, raw)
 
     def get_many(self, keys):
         found = {}

@@ -150,13 +150,6 @@ class Serializer:
 
     def loads(self, key, data, flags):
         """The value of an item, or ``CorruptValue``."""
-        if not self.signing_keys and flags < FLAG_COMPRESSED:
-            try:  # the common case: plain pymemcache flags, nothing to unwrap
-                return self.format.loads(data, flags)
-            except CorruptValue:
-                raise
-            except Exception as exc:
-                raise CorruptValue("cannot decode item with flags %d: %r" % (flags, exc)) from exc
         try:
             if self.signing_keys:
                 data = self._verified(key, data, flags)
