@@ -414,11 +414,6 @@ class Client:
             result.append(entry)
         return result
 
-    def server_stats(self, index):
-        """memcached's own ``stats`` of server ``index``, over a pooled connection;
-        raises ``ServerError`` when it cannot be reached."""
-        return self._call(index, "stats", Connection.stats, anywhere=False)
-
     def close(self):
         for pool in self.pools:
             pool.clear_idle()

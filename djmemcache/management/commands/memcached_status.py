@@ -35,7 +35,7 @@ class Command(BaseCommand):
         parser.add_argument("--alias", default="default", help="the CACHES alias (default: default)")
         parser.add_argument("--json", action="store_true", help="print one JSON document")
 
-    def handle(self, *args, alias, json: bool = False, **options):
+    def handle(self, *args, alias, **options):
         try:
             cache = caches[alias]
         except InvalidCacheBackendError:
@@ -59,8 +59,8 @@ class Command(BaseCommand):
                     "limit_maxbytes": stats.get("limit_maxbytes"),
                 }
             report.append(entry)
-        if json:
-            self.stdout.write(_json.dumps({"alias": alias, "servers": report}, indent=2, default=str))
+        if options["json"]:
+            self.stdout.write(json.dumps({"alias": alias, "servers": report}, indent=2, default=str))
         else:
             self._table(alias, report)
         if not all(e["reachable"] and e["state"] == "up" for e in report):
@@ -88,6 +88,3 @@ class Command(BaseCommand):
                                   % (m["version"], m["uptime"], rate, m["curr_items"], m["evictions"],
                                      m["curr_connections"], (m["bytes"] or 0) / 1e6,
                                      (m["limit_maxbytes"] or 0) / 1e6))
-
-
-_json = json
