@@ -29,14 +29,6 @@ def require(program, package):
     return path
 
 
-def ensure_memcached():
-    return require("memcached", "memcached")
-
-
-def ensure_nutcracker():
-    return require("nutcracker", "nutcracker")
-
-
 def free_port(host=HOST):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -158,7 +150,7 @@ class MemcachedProcess(_Process):
         return self.unix_path or "%s:%d" % (self.host, self.port)
 
     def start(self):
-        command = [ensure_memcached(), "-U", "0", "-m", "64", "-t", "2"]
+        command = [require("memcached", "memcached"), "-U", "0", "-m", "64", "-t", "2"]
         if os.geteuid() == 0:
             command += ["-u", "root"]
         if self.unix_path:
@@ -223,7 +215,7 @@ class Twemproxy(_Process):
                     "  auto_eject_hosts: false\n  timeout: 2000\n  servers:\n" % (HOST, self.port))
             for server in self.servers:
                 f.write("   - %s:%d:1\n" % (server.host, server.port))
-        self._spawn([ensure_nutcracker(), "-c", config,
+        self._spawn([require("nutcracker", "nutcracker"), "-c", config,
                      "-s", str(self.stats_port), "-a", HOST,
                      "-p", os.path.join(self.dir, "pid"), "-o", os.path.join(self.dir, "log")])
         self._wait_ready(HOST, self.port)

@@ -16,15 +16,24 @@ def _alive(pid):
     return os.path.exists("/proc/%d" % pid)
 
 
-def test_demo_serves_traffic_through_a_hung_server_and_cleans_up():
+def _start_demo(*args):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + sys.path))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "demo", "run.py"), "--duration", "6",
-                             "--compare-seconds", "2", "--threads", "4"],
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "demo", "run.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _started_pids(out):
+    """The pids the demo printed: its memcached servers, then the site."""
+    started = [int(p) for p in re.search(r"memcached pids: ([\d ]+)", out).group(1).split()]
+    started.append(int(re.search(r"pid (\d+), port", out).group(1)))
+    return started
+
+
+def test_demo_serves_traffic_through_a_hung_server_and_cleans_up():
+    proc = _start_demo("--duration", "6", "--compare-seconds", "2", "--threads", "4")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    started = [int(p) for p in re.search(r"memcached pids: ([\d ]+)", out).group(1).split()]
-    started.append(int(re.search(r"pid (\d+), port", out).group(1)))  # the site
+    started = _started_pids(out)
     assert len(started) == 4 and not [pid for pid in started if _alive(pid)]
     assert "errors (non-200)" in out and re.search(r"errors \(non-200\)\s+0\b", out), out
     assert re.search(r"blacklisted", out) and "SIGCONT sent" in out
@@ -37,14 +46,9 @@ def test_ctrl_c_stops_everything_the_demo_started():
     import signal
     import time
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + sys.path))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "demo", "run.py"), "--duration", "60",
-                             "--threads", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = _start_demo("--duration", "60", "--threads", "2")
     time.sleep(4)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert "interrupted: stopping everything" in out, out
-    started = [int(p) for p in re.search(r"memcached pids: ([\d ]+)", out).group(1).split()]
-    started.append(int(re.search(r"pid (\d+), port", out).group(1)))
-    assert not [pid for pid in started if _alive(pid)]
+    assert not [pid for pid in _started_pids(out) if _alive(pid)]
