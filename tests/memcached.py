@@ -89,8 +89,27 @@ class _Process:
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def pause(self):
+    def pause(self, timeout=5):
+        """SIGSTOP, and return only once every thread is stopped: the signal
+        is delivered asynchronously, and a worker thread on another core
+        could otherwise still answer the next request."""
         self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not self._stopped():
+            if time.monotonic() > deadline:
+                raise RuntimeError("%s (pid %d) did not stop after SIGSTOP" % (self.name, self.pid))
+            time.sleep(0.001)
+
+    def _stopped(self):
+        tasks = "/proc/%d/task" % self.pid
+        try:
+            states = []
+            for task in os.listdir(tasks):
+                with open(os.path.join(tasks, task, "stat")) as f:
+                    states.append(f.read().rpartition(")")[2].split()[0])
+        except FileNotFoundError:  # exited, or a thread ended meanwhile: look again
+            return not self.running
+        return all(state in ("T", "t") for state in states)
 
     def resume(self):
         if self.running:
