@@ -7,6 +7,7 @@ expire, 0: expire now, more than 30 days: absolute time).
 """
 
 import asyncio
+import math
 import re
 import threading
 from functools import partial
@@ -21,7 +22,7 @@ from django.core.cache.backends.base import (
 from django.core.cache.backends.memcached import BaseMemcachedCache
 
 from djmemcache import checks  # noqa: F401 - registers the system checks
-from djmemcache.client import MISS, Client, client_for
+from djmemcache.client import EXPTIME_MAX, MISS, Client, client_for
 from djmemcache.options import MAX_KEY_LENGTH, parse_options
 
 _BAD_KEY_CHAR = re.compile(r"[\x00-\x20\x7f]")
@@ -87,6 +88,24 @@ class PyMemcacheCache(BaseMemcachedCache):
 
     # Django's BaseMemcachedCache builds a pymemcache client here; ours is shared.
     _cache = client
+
+    def get_backend_timeout(self, timeout=DEFAULT_TIMEOUT):
+        """Django's expiry mapping, clamped to what memcached accepts.
+
+        Django adds the current time to timeouts over 30 days; a huge one
+        (``sys.maxsize``) then overflows memcached's 32-bit exptime, and
+        memcached would run the value as a command. So: past the largest
+        exptime means the largest (an absolute time in January 2038), below
+        the smallest means "expire now"; inf and nan are refused.
+        """
+        if isinstance(timeout, float) and not math.isfinite(timeout):
+            raise ValueError("cache timeout must be a finite number of seconds or None, not %r" % timeout)
+        expire = super().get_backend_timeout(timeout)
+        if expire > EXPTIME_MAX:
+            return EXPTIME_MAX
+        if expire < 0:
+            return -1
+        return expire
 
     @property
     def client_servers(self):

@@ -11,19 +11,21 @@ given back, so a bad value or a corrupt item never touches a connection.
 """
 
 import atexit
+import errno
 import logging
 import os
 import random
 import threading
 import time
 
-from pymemcache.exceptions import (
-    MemcacheClientError,
-    MemcacheServerError,
-    MemcacheUnexpectedCloseError,
+from djmemcache.connection import (
+    Connection,
+    ConnectionClosed,
+    ErrorReply,
+    IOTimeout,
+    ProtocolError,
+    tls_context_for,
 )
-
-from djmemcache.connection import Connection, tls_context_for
 from djmemcache.exceptions import DjmemcacheError, NoServerAvailable, PoolTimeout, ServerError
 from djmemcache.pool import HostPool
 from djmemcache.serializer import CorruptValue, serializer_for
@@ -33,17 +35,49 @@ logger = logging.getLogger("djmemcache.client")
 
 MISS = object()
 
-# A reused connection that fails like this was most likely closed by the
-# server while it sat idle (restart, idle timeout) in the instant after the
-# staleness check: the command never ran, a fresh connection will do.
-_LOST_CONNECTION = (MemcacheUnexpectedCloseError, ConnectionResetError, BrokenPipeError)
+# The kinds of failure that came out of the socket or the protocol. Anything
+# else raised during a command (a signal handler's exception, gevent.Timeout,
+# KeyboardInterrupt) is the caller's: it closes the connection and goes on
+# unchanged, and counts against no server.
+TIMEOUT, REFUSED, LOST, BROKEN = "timed out", "connection refused", "connection lost", "bad reply"
 
-# A timed-out call: Python's socket timeout, or EAGAIN from the kernel
-# timeouts that connection.py sets instead.
-_TIMEOUTS = (TimeoutError, BlockingIOError)
+# memcached reads exptime as a signed 32-bit number; outside that range it
+# rejects the command line without reading the data block, and then runs
+# the value's bytes as the next command.
+EXPTIME_MAX = 2**31 - 1
+EXPTIME_MIN = -(2**31)
+FLAGS_MAX = 2**32 - 1
+DELTA_MAX = 2**64 - 1
 
-# Errors that say the server itself is unreachable or hung: blacklist it.
-_SERVER_DOWN = _TIMEOUTS + (ConnectionRefusedError,)
+
+def fault_kind(exc):
+    """What kind of server fault ``exc`` is, or None when it is not one.
+
+    Only exceptions raised by the I/O itself count: our own ``IOTimeout`` and
+    ``ProtocolError``, and ``OSError``s that carry an errno (the kernel's or
+    the TLS layer's). A bare ``TimeoutError()`` raised by a caller's alarm
+    has none, so it is never taken for a socket timeout.
+    """
+    if isinstance(exc, IOTimeout):
+        return TIMEOUT
+    if isinstance(exc, ProtocolError):
+        return LOST if isinstance(exc, ConnectionClosed) else BROKEN
+    if isinstance(exc, OSError) and exc.errno is not None:
+        if isinstance(exc, BlockingIOError) or exc.errno == errno.ETIMEDOUT:
+            return TIMEOUT  # SO_RCVTIMEO/SO_SNDTIMEO expired (EAGAIN), or TCP gave up
+        if isinstance(exc, ConnectionRefusedError):
+            return REFUSED
+        return LOST
+    return None
+
+
+def check_expire(expire):
+    """``expire`` as memcached will accept it, or ValueError before anything is sent."""
+    if type(expire) is not int:
+        raise ValueError("memcached expiry must be a whole number of seconds, not %r" % (expire,))
+    if not EXPTIME_MIN <= expire <= EXPTIME_MAX:
+        raise ValueError("memcached expiry %d is out of range (%d to %d)" % (expire, EXPTIME_MIN, EXPTIME_MAX))
+    return expire
 
 
 class Client:
@@ -54,25 +88,29 @@ class Client:
         self.servers = options.servers
         clock = options.clock or time.monotonic
         self.clock = clock
-        tls = tls_context_for(options)
-        self.pools = tuple(HostPool(s, options, connection_class, tls) for s in self.servers)
+        self.connection_class = connection_class
+        self.tls = tls_context_for(options)
+        self.pools = tuple(HostPool(s, options, connection_class, self.tls) for s in self.servers)
         self.blacklist = Blacklist(self.servers, options.blacklist_time, clock)
         self.rendezvous = Rendezvous([s.node for s in self.servers])
         self.serializer = serializer_for(options)
         self.ignore_exc = options.ignore_exc
+        self.max_value_size = options.max_value_size
         self._random = options.distribution == "random"
         self._single = len(self.servers) == 1
         self._log_lock = threading.Lock()
         self._pool_warned_at = -1e9
         self._pool_warnings_held = 0
+        # Longer than a probe can take: connect, then one command.
+        self._probe_hold = (options.effective_connect_timeout or 5.0) + (options.timeout or 5.0) + 1.0
+        self._probes = []  # probe threads of this process, for tests and shutdown
 
     # -- choosing a server --------------------------------------------------
 
     def _live(self):
-        blacklist = self.blacklist
-        if blacklist.next_probe is not None and self.clock() >= blacklist.next_probe:
-            self._probe()
-        live = blacklist.live
+        live, next_probe = self.blacklist.state  # read once: other threads replace it whole
+        if next_probe is not None and self.clock() >= next_probe:
+            self._start_probes()
         if not live:
             raise NoServerAvailable(
                 "every memcached server is blacklisted: %s" % ", ".join(map(str, self.servers))
@@ -102,53 +140,68 @@ class Client:
             groups.setdefault(choose(key, live), []).append(key)
         return groups
 
-    def _probe(self):
-        """Let one caller try a server whose blacklist period is over."""
-        index = self.blacklist.claim_probe()
-        if index is None:
-            return
-        pool = self.pools[index]
+    # -- bringing blacklisted servers back -----------------------------------
+
+    def _start_probes(self):
+        """Probe each server that is due, each in a thread of its own.
+
+        Off the request path: the caller that notices a probe is due goes on
+        at once (its key is a miss or goes to another server), and no caller
+        ever waits for a probe's timeout.
+        """
+        for index in self.blacklist.claim_probe(self._probe_hold):
+            thread = threading.Thread(target=self._probe, args=(index,), daemon=True,
+                                      name="djmemcache-probe-%s" % self.servers[index])
+            self._probes = [t for t in self._probes if t.is_alive()] + [thread]
+            thread.start()
+
+    def _probe(self, index):
+        """Connect on a connection of its own (no pool slot), ask ``version``."""
+        conn = self.connection_class(self.servers[index], self.options, self.tls)
         try:
-            conn = pool.acquire()
-        except Exception as exc:
-            self.blacklist.ban(index, "probe failed: %s" % _describe(exc))
-            return
-        try:
+            conn.connect()
             conn.version()
-        except Exception as exc:
-            pool.discard(conn)
-            self.blacklist.ban(index, "probe failed: %s" % _describe(exc))
+        except Exception as exc:  # noqa: BLE001 - any failure keeps it out
+            self.blacklist.probe_failed(index, "probe failed: %s" % _describe(exc))
         else:
-            pool.release(conn)
             self.blacklist.restore(index)
+        finally:
+            conn.close()
+
+    def wait_for_probes(self, timeout=10.0):
+        """Wait until the probes under way have reported (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        for thread in list(self._probes):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- running one command on one server -----------------------------------
 
     def _acquire(self, index, anywhere):
-        pool = self.pools[index]
         if anywhere:
             # Prefer any live server's idle connection, then open one to a random live server.
-            live = self.blacklist.live
+            live = self._live()
             start = random.randrange(len(live)) if len(live) > 1 else 0
             for i in range(len(live)):
                 candidate = live[(start + i) % len(live)]
                 try:
                     conn = self.pools[candidate].acquire(idle_only=True)
                 except OSError as exc:  # a stale idle connection, and the reconnect failed
-                    self._server_failed(candidate, "connect", exc)
+                    self._connect_failed(candidate, exc)
                     continue
                 if conn is not None:
                     return candidate, conn
-            if index not in self.blacklist.live:
-                live = self._live()
-                index = random.choice(live)
-                pool = self.pools[index]
+            if index not in live:
+                index = random.choice(self._live())
         try:
-            return index, pool.acquire()
-        except PoolTimeout:
-            raise
+            return index, self.pools[index].acquire()
         except OSError as exc:
-            raise self._server_failed(index, "connect", exc) from exc
+            if fault_kind(exc) is None:
+                raise
+            raise self._connect_failed(index, exc) from exc
+
+    def _connect_failed(self, index, exc):
+        # A failed connect is a fault of the server's whatever its errno.
+        return self._server_failed(index, "connect", exc, fault_kind(exc) or LOST, ban=True)
 
     def _call(self, index, command, method, *args, retry=False, anywhere=None):
         """Run ``method(connection, *args)`` on server ``index``.
@@ -163,78 +216,91 @@ class Client:
         index, conn = self._acquire(index, anywhere)
         try:
             result = method(conn, *args)
-        except Exception as exc:
-            return self._recover(index, conn, command, exc, retry, anywhere, method, args)
+        except BaseException as exc:
+            self.pools[index].discard(conn)
+            kind = fault_kind(exc)
+            if kind is None:
+                raise
+            return self._recover(index, conn, command, exc, kind, retry, anywhere, method, args)
         self.pools[index].release(conn)
         return result
 
-    def _recover(self, index, conn, command, exc, retry, anywhere, method, args):
-        """``method`` failed on ``conn``: close it, then retry once or raise."""
-        self.pools[index].discard(conn)
-        if retry and conn.reused and isinstance(exc, _LOST_CONNECTION):
+    def _recover(self, index, conn, command, exc, kind, retry, anywhere, method, args):
+        """``method`` failed on ``conn`` (already discarded): retry once, or raise."""
+        if retry and conn.reused and kind == LOST:
             logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
             return self._call(index, command, method, *args, anywhere=anywhere)
-        if isinstance(exc, (MemcacheClientError, MemcacheServerError)) and not isinstance(
-            exc, MemcacheUnexpectedCloseError  # pymemcache files it under server errors
-        ):
-            raise exc  # a complete reply about this command: no fault of the server's
-        raise self._server_failed(index, command, exc) from exc
+        raise self._server_failed(index, command, exc, kind) from exc
 
     def _pipeline(self, command, batches, send, read, retry):
         """Run a multi-key command on several servers at once.
 
         Every server is sent its batch before any reply is read, so the
-        round trips overlap instead of adding up. ``batches`` maps a server
-        index to its batch; returns ``(batch, outcome)`` pairs where the
-        outcome is ``read``'s result or the ``DjmemcacheError`` of that server.
+        round trips overlap instead of adding up, and all of it shares one
+        deadline. ``batches`` maps a server index to its batch; returns
+        ``(batch, outcome)`` pairs where the outcome is ``read``'s result or
+        the ``DjmemcacheError`` of that server. Whatever is raised meanwhile,
+        every connection taken is given back or closed first.
         """
         anywhere = self._random
-        roundtrip = _Roundtrip(send, read)
+        timeout = self.options.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         results = []
-        pending = []
-        # Taking connections in server order: with bounded pools, two callers
-        # taking them in opposite orders could each wait for the other forever.
-        for index, batch in sorted(batches.items(), key=_first):
-            try:
-                index, conn = self._acquire(index, anywhere)
-            except DjmemcacheError as exc:
-                results.append((batch, exc))
-                continue
-            try:
-                pending.append((index, conn, batch, send(conn, batch)))
-            except Exception as exc:
-                results.append((batch, self._settle(index, conn, command, exc, retry, roundtrip, batch)))
-        for index, conn, batch, token in pending:
-            try:
-                outcome = read(conn, token)
-            except Exception as exc:
-                outcome = self._settle(index, conn, command, exc, retry, roundtrip, batch)
-            else:
-                self.pools[index].release(conn)
-            results.append((batch, outcome))
+        held = []  # [index, conn, batch, token] whose reply is still to be read
+        try:
+            # Taking connections in server order: with bounded pools, two callers
+            # taking them in opposite orders could each wait for the other forever.
+            for index, batch in sorted(batches.items(), key=_first):
+                try:
+                    index, conn = self._acquire(index, anywhere)
+                except DjmemcacheError as exc:
+                    results.append((batch, exc))
+                    continue
+                entry = [index, conn, batch, None]
+                held.append(entry)
+                try:
+                    entry[3] = send(conn, batch, deadline)
+                except BaseException as exc:
+                    results.append((batch, self._settle(index, conn, command, exc, retry, send, read, batch)))
+                    held.pop()
+            while held:
+                index, conn, batch, token = held[0]
+                try:
+                    outcome = read(conn, token, deadline)
+                except BaseException as exc:
+                    outcome = self._settle(index, conn, command, exc, retry, send, read, batch)
+                else:
+                    self.pools[index].release(conn)
+                held.pop(0)
+                results.append((batch, outcome))
+        except BaseException:
+            for index, conn, _batch, _token in held:
+                self.pools[index].discard(conn)
+            raise
         return results
 
-    def _settle(self, index, conn, command, exc, retry, roundtrip, batch):
-        # Never raise out of a pipeline: the other servers' connections are
-        # still checked out and must be read and given back first.
+    def _settle(self, index, conn, command, exc, retry, send, read, batch):
+        # Never raise a server's failure out of a pipeline: the other servers'
+        # connections are still checked out and must be read and given back first.
+        self.pools[index].discard(conn)
+        kind = fault_kind(exc)
+        if kind is None:
+            raise exc
         try:
-            return self._recover(index, conn, command, exc, retry, self._random, roundtrip, (batch,))
+            return self._recover(index, conn, command, exc, kind, retry, self._random,
+                                 _Roundtrip(send, read), (batch,))
         except DjmemcacheError as error:
             return error
-        except Exception as error:  # an error reply (CLIENT_ERROR ...) to a whole batch
-            server = self.servers[index]
-            return ServerError("memcached server %s: %s %r" % (server, command, error),
-                               server=str(server), command=command)
 
-    def _server_failed(self, index, command, exc):
+    def _server_failed(self, index, command, exc, kind, ban=False):
         server = self.servers[index]
         reason = "%s %s" % (command, _describe(exc))
         banned = False
-        if isinstance(exc, _SERVER_DOWN) or (command == "connect" and isinstance(exc, OSError)):
+        if ban or kind in (TIMEOUT, REFUSED):
             banned = self.blacklist.ban(index, reason)
             if banned:
                 self.pools[index].clear_idle()
-        self.pools[index].record_failure(isinstance(exc, _TIMEOUTS), banned)
+        self.pools[index].record_failure(kind == TIMEOUT, banned)
         return ServerError(
             "memcached server %s: %s" % (server, reason), server=str(server), command=command
         )
@@ -266,6 +332,18 @@ class Client:
             logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
             return MISS
 
+    def _item(self, key, value):
+        """``(data, flags)`` of a value, or None when memcached could not hold it."""
+        data, flags = self.serializer.dumps(key, value)
+        if type(flags) is not int or not 0 <= flags <= FLAGS_MAX:
+            raise ValueError("the serializer gave flags %r for key %r; memcached takes 0 to %d"
+                             % (flags, key, FLAGS_MAX))
+        if len(data) > self.max_value_size:
+            logger.warning("value of key %r not stored: %d bytes, more than MAX_VALUE_SIZE (%d)",
+                           key, len(data), self.max_value_size)
+            return None
+        return data, flags
+
     def _stored(self, command, key, reason):
         if reason is None:
             return True
@@ -280,7 +358,7 @@ class Client:
         # case (consistent distribution, a healthy connection). Any failure
         # takes the general path through ``_recover``.
         try:
-            if self._single and self.blacklist.next_probe is None:
+            if self._single and self.blacklist.state[1] is None:
                 index = 0  # one healthy server: nothing to choose
             else:
                 index = self._index_for(key)
@@ -291,11 +369,17 @@ class Client:
                 try:
                     conn = pool.acquire()
                 except OSError as exc:
-                    raise self._server_failed(index, "connect", exc) from exc
+                    if fault_kind(exc) is None:
+                        raise
+                    raise self._connect_failed(index, exc) from exc
                 try:
                     raw = conn.get(key)
-                except Exception as exc:
-                    raw = self._recover(index, conn, "get", exc, True, False, Connection.get, (key,))
+                except BaseException as exc:
+                    pool.discard(conn)
+                    kind = fault_kind(exc)
+                    if kind is None:
+                        raise
+                    raw = self._recover(index, conn, "get", exc, kind, True, False, Connection.get, (key,))
                 else:
                     pool.release(conn)
         except DjmemcacheError as exc:
@@ -320,32 +404,40 @@ class Client:
                     found[key] = value
         return found
 
-    def set(self, key, value, expire):
-        item = self.serializer.dumps(key, value)
+    def _store(self, command, key, value, expire, retry):
+        check_expire(expire)
+        item = self._item(key, value)
+        if item is None:
+            return False
         try:
-            reason = self._call(self._index_for(key), "set", Connection.store_one, b"set", key, item, expire,
-                                retry=True)
+            reason = self._call(self._index_for(key), command.decode(), Connection.store_one,
+                                command, key, item, expire, retry=retry)
         except DjmemcacheError as exc:
-            return self._failed(exc, "set", False)
-        return reason is None or self._stored("set", key, reason)
+            return self._failed(exc, command.decode(), False)
+        return reason is None or self._stored(command.decode(), key, reason)
+
+    def set(self, key, value, expire):
+        return self._store(b"set", key, value, expire, True)
 
     def add(self, key, value, expire):
-        item = self.serializer.dumps(key, value)
-        try:
-            reason = self._call(self._index_for(key), "add", Connection.store_one, b"add", key, item, expire)
-        except DjmemcacheError as exc:
-            return self._failed(exc, "add", False)
-        return reason is None or self._stored("add", key, reason)
+        return self._store(b"add", key, value, expire, False)
 
     def set_many(self, mapping, expire):
         """Store every item; return the keys that were not stored."""
-        data = {key: self.serializer.dumps(key, value) for key, value in mapping.items()}
+        check_expire(expire)
+        data = {}
+        failed = []
+        for key, value in mapping.items():
+            item = self._item(key, value)
+            if item is None:
+                failed.append(key)
+            else:
+                data[key] = item
         try:
             groups = self._group(data)
         except DjmemcacheError as exc:
-            return self._failed(exc, "set_many", list(data))
+            return failed + self._failed(exc, "set_many", list(data))
         batches = {index: {key: data[key] for key in keys} for index, keys in groups.items()}
-        failed = []
         for batch, outcome in self._pipeline(
             "set", batches, _SendStore(b"set", expire), Connection.read_store, retry=True
         ):
@@ -373,6 +465,7 @@ class Client:
                 self._failed(outcome, "delete_many", None)
 
     def touch(self, key, expire):
+        check_expire(expire)
         try:
             return self._call(self._index_for(key), "touch", Connection.touch, key, expire, retry=True)
         except DjmemcacheError as exc:
@@ -381,17 +474,18 @@ class Client:
     def incr(self, key, delta):
         """New value (``delta`` < 0 decrements), or None when the key is
         missing or, ignoring errors, the server failed."""
+        if type(delta) is not int or abs(delta) > DELTA_MAX:
+            raise ValueError("incr/decr delta must be a whole number from -%d to %d, not %r"
+                             % (DELTA_MAX, DELTA_MAX, delta))
         try:
             return self._call(self._index_for(key), "incr", Connection.incr, key, delta)
         except DjmemcacheError as exc:
             return self._failed(exc, "incr", None)
 
     def flush_all(self):
-        for index in range(len(self.servers)):
-            if index not in self.blacklist.live:
-                continue
+        for index in self.blacklist.live:
             try:
-                self._call(index, "flush_all", Connection.flush_all, 0, False, retry=True, anywhere=False)
+                self._call(index, "flush_all", Connection.flush_all, retry=True, anywhere=False)
             except DjmemcacheError as exc:
                 self._failed(exc, "flush_all", None)
 
@@ -403,11 +497,11 @@ class Client:
         ``blacklistings``) since the process started."""
         result = []
         for index, server in enumerate(self.servers):
-            banned = self.blacklist.state(index)
+            banned = self.blacklist.state_of(index)
             entry = {"server": str(server), "state": "blacklisted" if banned else "up",
-                     "blacklisted_for": None, "reason": None}
+                     "next_probe_in": None, "reason": None}
             if banned:
-                entry["blacklisted_for"] = max(0.0, banned[0] - self.clock())
+                entry["next_probe_in"] = max(0.0, banned[0] - self.clock())
                 entry["reason"] = banned[1]
             entry.update(self.pools[index].status())
             entry.update(self.pools[index].counters())
@@ -433,22 +527,24 @@ class _Roundtrip:
         self.send, self.read = send, read
 
     def __call__(self, conn, batch):
-        return self.read(conn, self.send(conn, batch))
+        deadline = conn.deadline()
+        return self.read(conn, self.send(conn, batch, deadline), deadline)
 
 
 class _SendStore:
     def __init__(self, command, expire):
         self.command, self.expire = command, expire
 
-    def __call__(self, conn, items):
-        return conn.send_store(self.command, items, self.expire)
+    def __call__(self, conn, items, deadline=None):
+        return conn.send_store(self.command, items, self.expire, deadline)
 
 
 def _describe(exc):
-    if isinstance(exc, _TIMEOUTS):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
+    kind = fault_kind(exc)
+    if kind in (TIMEOUT, REFUSED):
+        return kind
+    if isinstance(exc, ErrorReply):
+        return "error reply: %s" % exc
     return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
 
 

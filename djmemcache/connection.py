@@ -1,55 +1,77 @@
-"""One socket to one memcached server, and the text protocol of the hot commands.
+"""One socket to one memcached server, and the text protocol of the commands a cache runs.
 
-``Connection`` is pymemcache's ``Client`` (its connect, TLS and keepalive
-handling, ``stats``, ``version``, ``flush_all`` and exception types) with
-the commands a Django cache runs all day written here instead. Why our own:
+Why our own rather than pymemcache's ``Client``:
 
-- speed: pymemcache re-validates and re-encodes every key (the backend has
-  already validated it), builds intermediate dicts, and reads replies
-  through a generic line reader. For one ``get`` on loopback this layer costs
-  about 10 us less per call (see docs/performance.rst).
+- a deadline for the whole command: OPTIONS ``TIMEOUT`` bounds a command
+  from its send to its last byte, however the server dribbles its reply,
+  and ``CONNECT_TIMEOUT`` bounds connecting (TLS handshake included).
+  pymemcache's timeout bounds each ``recv``: a server sending a byte every
+  100 ms held a call for seconds. Under gevent the waits are gevent's own,
+  so the deadline holds there too.
+- a reply is never trusted: every length and line is checked before it is
+  used, a reply line is at most ``MAX_LINE`` bytes, a value at most
+  ``MAX_VALUE_SIZE``, and memory grows with the bytes received, never with
+  what the server declares. Anything else is a ``ProtocolError``.
+- only errors of the socket or the protocol come out of here as such
+  (``IOTimeout``, ``ProtocolError``, ``OSError`` with an errno): an exception
+  raised by the caller's own code (a signal handler, ``gevent.Timeout``)
+  passes through unchanged, so the client never takes it for a server fault.
+- speed: the backend has already validated keys, so nothing is re-encoded
+  or re-checked; a small reply is parsed inline; small commands are sent
+  without releasing the GIL (``Connection._send``).
 - pipelining: ``send_*``/``read_*`` split a multi-key command in two, so the
   client sends every server its batch before reading any reply.
-- fewer GIL hand-offs: a command is sent without releasing the GIL (see
-  ``Connection._send``), so a thread gives up the GIL once per command, while it
-  waits for the reply, instead of twice.
-- per-item outcomes: a ``set_many`` in which memcached refuses one value
-  (``SERVER_ERROR object too large``) reports that key as not stored and
-  reads on; pymemcache raises and loses the other keys' outcomes.
 
-Values cross this layer as ``(bytes, flags)``: serializing happens before a
-connection is taken, decoding after it is given back.
-
-Every method either returns after reading its complete reply, or raises; a
-connection that raised is closed by the pool, never reused.
+Values cross this layer as ``(bytes, flags)``. Every method either returns
+after reading its complete reply, or raises; a connection that raised is
+closed by the pool, never reused.
 """
 
 import ctypes
+import errno
+import math
+import os
 import select
 import socket
 import ssl
 import struct
-
-from pymemcache.client.base import Client as _PymemcacheClient
-from pymemcache.exceptions import (
-    MemcacheClientError,
-    MemcacheServerError,
-    MemcacheUnexpectedCloseError,
-    MemcacheUnknownCommandError,
-    MemcacheUnknownError,
-)
+import sys
+import time
 
 RECV_SIZE = 65536
-
+#: Longest reply line accepted ("VALUE <250-byte key> <flags> <length>" is under 300).
+MAX_LINE = 4096
+#: A large value is read in chunks of at most this many bytes.
+BIG_RECV = 262144
 #: Commands up to this size are sent while holding the GIL (``Connection._send``).
 SEND_NOW_MAX = 65536
 _SEND_NOW_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+_SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY)
+
+_monotonic = time.monotonic
+
+
+class IOTimeout(Exception):
+    """The server did not answer (or accept the command) before the deadline."""
+
+
+class ProtocolError(Exception):
+    """The reply broke the protocol: malformed, impossible, or not what was asked."""
+
+
+class ErrorReply(ProtocolError):
+    """memcached answered ERROR, CLIENT_ERROR or SERVER_ERROR."""
+
+
+class ConnectionClosed(ProtocolError):
+    """The server closed the connection (a restart, or an idle timeout)."""
 
 
 def _libc_send():
     """libc's ``send`` called through ``ctypes.PyDLL``, which keeps the GIL.
 
-    Why: ``socket.sendall`` releases the GIL around the syscall, so under
+    Why: ``socket.send`` releases the GIL around the syscall, so under
     threads each command costs two GIL hand-offs (send, then recv), each a
     futex wake and often a context switch. Sending a small command to a
     socket with room in its buffer never blocks, so it need not release
@@ -72,30 +94,56 @@ _send_without_releasing_gil = _libc_send()
 _size_t = ctypes.c_size_t
 
 
-class _RawSerde:
-    """pymemcache's own commands (used for stats and the like) see raw items."""
-
-    @staticmethod
-    def serialize(key, value):
-        return value
-
-    @staticmethod
-    def deserialize(key, value, flags):
-        return value, flags
+def _gevent_patched():
+    """True when gevent has monkey-patched sockets (gunicorn ``-k gevent``):
+    the socket is then non-blocking underneath, kernel timeouts do nothing,
+    and waits must go through gevent's hub."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("socket")
 
 
-_RAW = _RawSerde()
+def _stdlib_poll():
+    """``select.poll`` as the standard library has it, even under gevent
+    (used only with a zero timeout, which never blocks)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("select"):
+        return monkey.get_original("select", "poll")
+    return select.poll
+
+
+def _wait(sock, events, deadline, green):
+    """Wait until ``sock`` is ready for ``events`` or raise ``IOTimeout`` at ``deadline``."""
+    if deadline is None:
+        remaining = None
+    else:
+        remaining = deadline - _monotonic()
+        if remaining <= 0:
+            raise IOTimeout("timed out")
+    if green:
+        from gevent.socket import wait_read, wait_write
+
+        wait = wait_read if events == select.POLLIN else wait_write
+        wait(sock.fileno(), timeout=remaining, timeout_exc=IOTimeout("timed out"))
+        return
+    poller = select.poll()
+    poller.register(sock, events)
+    if not poller.poll(None if remaining is None else math.ceil(remaining * 1000)):
+        raise IOTimeout("timed out")
 
 
 def _raise_error_line(line):
-    """Raise the exception a memcached error reply stands for."""
-    if line.startswith(b"SERVER_ERROR"):
-        raise MemcacheServerError(line[13:])
-    if line.startswith(b"CLIENT_ERROR"):
-        raise MemcacheClientError(line[13:])
-    if line.startswith(b"ERROR"):
-        raise MemcacheUnknownCommandError(line)
-    raise MemcacheUnknownError(line[:64])
+    """Raise what a reply line that is not the expected one stands for."""
+    if line.startswith((b"SERVER_ERROR", b"CLIENT_ERROR")) or line == b"ERROR":
+        raise ErrorReply(line[:200].decode("ascii", "replace"))
+    raise ProtocolError("unexpected reply line %r" % line[:64])
+
+
+def _check_digits(field, what):
+    # bytes.isdigit: ASCII digits only, so no sign, space, underscore or
+    # "inf" slips through int().
+    if not field.isdigit() or len(field) > 20:
+        raise ProtocolError("%s is not a number: %r" % (what, field[:32]))
+    return int(field)
 
 
 def tls_context_for(options):
@@ -116,75 +164,105 @@ def tls_context_for(options):
     return context
 
 
-class Connection(_PymemcacheClient):
-    """A socket to one server; connected eagerly by the pool."""
+class Connection:
+    """A socket to one server; connected by the pool before first use."""
 
     reused = False  # True once it has been back in the pool: a retry is only useful then
     idle_since = 0.0
     pid = None
+    pooled = False  # in its pool's idle list
     hits = 0  # since it was last given back; the pool adds these to its counters
     misses = 0
 
     def __init__(self, server, options, tls_context=None):
-        super().__init__(
-            server.address,
-            serde=_RAW,
-            connect_timeout=options.effective_connect_timeout,
-            timeout=options.timeout,
-            no_delay=options.no_delay,
-            key_prefix=options.key_prefix,
-            default_noreply=False,
-            allow_unicode_keys=True,
-            tls_context=tls_context,
-        )
+        self.server = server
+        self.timeout = options.timeout
+        self.connect_timeout = options.effective_connect_timeout
+        self.no_delay = options.no_delay
+        self.key_prefix = options.key_prefix
+        self.max_value_size = options.max_value_size
+        self.tls_context = tls_context
+        self.sock = None
+        self._buf = b""  # bytes read past the line or block asked for
         self._poller = None
         self._send_now = False
+        self._green = False
+        self._tls = False
+        # The first recv of a command blocks in the kernel, bounded by
+        # SO_RCVTIMEO (one syscall, one GIL hand-off); later ones wait on
+        # the time left. Only for plain sockets outside gevent.
+        self._kernel_first_recv = False
+
+    def deadline(self):
+        """When a command started now must be over (None: no TIMEOUT)."""
+        return None if self.timeout is None else _monotonic() + self.timeout
+
+    # -- connecting -----------------------------------------------------------
 
     def connect(self):
-        self._connect()
-
-    def _connect(self):
-        super()._connect()
-        if self.timeout is not None and self.tls_context is None:
-            self._use_kernel_timeouts(self.timeout)
-        self._poller = select.poll()
-        self._poller.register(self.sock, select.POLLIN)
+        """Connect within CONNECT_TIMEOUT (TLS handshake included)."""
+        timeout = self.connect_timeout
+        deadline = None if timeout is None else _monotonic() + timeout
+        green = _gevent_patched()
+        address = self.server.address
+        if isinstance(address, str):
+            family, target = socket.AF_UNIX, address
+        else:
+            host, port = address
+            family, _, _, _, target = socket.getaddrinfo(
+                host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            err = sock.connect_ex(target)
+            if err in _IN_PROGRESS:
+                _wait(sock, select.POLLOUT, deadline, green)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err and err != errno.EISCONN:
+                raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
+            if family != socket.AF_UNIX and self.no_delay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls_context is not None:
+                sock = self._handshake(sock, address[0], deadline, green)
+            elif not green:
+                sock.setblocking(True)
+                if self.timeout is not None:
+                    _set_kernel_timeouts(sock, self.timeout)
+            else:
+                sock.settimeout(None)  # gevent: cooperative; our waits bound it
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._green = green
+        self._tls = self.tls_context is not None
+        self._kernel_first_recv = not (green or self._tls)
+        self._poller = _stdlib_poll()()
+        self._poller.register(sock, select.POLLIN)
         # Not for TLS: the bytes must go through the SSL layer.
-        self._send_now = _send_without_releasing_gil is not None and not isinstance(self.sock, ssl.SSLSocket)
+        self._send_now = _send_without_releasing_gil is not None and not self._tls
 
-    def _send(self, data):
-        """Send all of ``data``; small commands without releasing the GIL.
+    def _handshake(self, sock, host, deadline, green):
+        # Non-blocking from here on: every TLS read and write waits on the deadline.
+        sock = self.tls_context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        try:
+            while True:
+                try:
+                    sock.do_handshake()
+                    return sock
+                except ssl.SSLWantReadError:
+                    _wait(sock, select.POLLIN, deadline, green)
+                except ssl.SSLWantWriteError:
+                    _wait(sock, select.POLLOUT, deadline, green)
+        except BaseException:
+            sock.close()
+            raise
 
-        A non-blocking ``send`` (MSG_DONTWAIT) of a small command, which
-        cannot stall the process; whatever it did not send (full socket
-        buffer, an error) goes through ``sendall``, which waits with the
-        GIL released, and raises the socket's error as usual.
-        """
-        sock = self.sock
-        if self._send_now and len(data) <= SEND_NOW_MAX:
-            sent = _send_without_releasing_gil(sock.fileno(), data, _size_t(len(data)), _SEND_NOW_FLAGS)
-            if sent == len(data):
-                return
-            if sent > 0:
-                data = data[sent:]
-        sock.sendall(data)
-
-    def _use_kernel_timeouts(self, timeout):
-        """Enforce TIMEOUT in the kernel (SO_RCVTIMEO/SO_SNDTIMEO) on a
-        blocking socket, instead of Python's socket timeout.
-
-        CPython polls before every send and recv on a socket that has a
-        timeout: two syscalls and two GIL hand-offs per call instead of one,
-        which under threads shows up as context switches. With kernel
-        timeouts a timed-out call raises ``BlockingIOError`` (EAGAIN), which
-        the client treats as a timeout. Not for TLS, whose socket layer
-        reports EAGAIN differently.
-        """
-        seconds = int(timeout)
-        timeval = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        self.sock.settimeout(None)
+    def close(self):
+        sock, self.sock = self.sock, None
+        self._buf = b""
+        if sock is not None:
+            sock.close()
 
     def is_stale(self):
         """True when an idle connection is unusable: closed, or readable.
@@ -198,67 +276,111 @@ class Connection(_PymemcacheClient):
     def _wire(self, key):
         return self.key_prefix + key.encode("utf-8")
 
-    # -- reading replies ----------------------------------------------------
+    # -- the socket, with the deadline ---------------------------------------
 
-    def _recv(self, size=RECV_SIZE):
-        data = self.sock.recv(size)
+    def _send(self, data, deadline=None):
+        """Send all of ``data`` by ``deadline`` (default: TIMEOUT from now).
+
+        A small command goes out in one non-blocking ``send`` that keeps the
+        GIL (it cannot stall the process); the rest, or a large command,
+        waits for room in the socket buffer with the GIL released.
+        """
+        if self._send_now and len(data) <= SEND_NOW_MAX:
+            sent = _send_without_releasing_gil(self.sock.fileno(), data, _size_t(len(data)), _SEND_NOW_FLAGS)
+            if sent == len(data):
+                return
+            if sent > 0:
+                data = data[sent:]
+        if deadline is None:
+            deadline = self.deadline()
+        view = memoryview(data)
+        sock = self.sock
+        while view:
+            if self._tls:
+                try:
+                    sent = sock.send(view)
+                except ssl.SSLWantWriteError:
+                    _wait(sock, select.POLLOUT, deadline, self._green)
+                    continue
+                except ssl.SSLWantReadError:
+                    _wait(sock, select.POLLIN, deadline, self._green)
+                    continue
+            else:
+                _wait(sock, select.POLLOUT, deadline, self._green)
+                try:
+                    sent = sock.send(view, _SEND_FLAGS)
+                except BlockingIOError:
+                    continue
+            view = view[sent:]
+
+    def _recv(self, deadline, size=RECV_SIZE):
+        """One ``recv`` of at most ``size`` bytes, waiting no later than ``deadline``."""
+        sock = self.sock
+        if self._tls:
+            while True:
+                try:
+                    data = sock.recv(size)
+                    break
+                except ssl.SSLWantReadError:
+                    _wait(sock, select.POLLIN, deadline, self._green)
+                except ssl.SSLWantWriteError:
+                    _wait(sock, select.POLLOUT, deadline, self._green)
+        else:
+            _wait(sock, select.POLLIN, deadline, self._green)
+            data = sock.recv(size)
         if not data:
-            raise MemcacheUnexpectedCloseError()
+            raise ConnectionClosed("connection closed by the server")
         return data
 
-    def _read_lines(self, count):
-        """Read exactly ``count`` reply lines (without their CRLF)."""
-        buf = self._recv()
-        while buf.count(b"\r\n") < count:
-            buf += self._recv()
-        lines = buf.split(b"\r\n")
-        if len(lines) != count + 1 or lines[-1]:
-            raise MemcacheUnknownError(b"unexpected data after reply: %r" % buf[-64:])
-        return lines[:count]
+    def _recv_first(self):
+        """The first ``recv`` of a one-server command: in the kernel when it can."""
+        if self._kernel_first_recv:
+            data = self.sock.recv(RECV_SIZE)  # SO_RCVTIMEO: EAGAIN -> BlockingIOError
+            if not data:
+                raise ConnectionClosed("connection closed by the server")
+            return data
+        return self._recv(self.deadline())
 
-    def _read_values(self, keys_by_wire, buf=b""):
-        """Read ``VALUE`` blocks up to ``END``; map wire keys back to callers' keys."""
-        recv = self._recv
-        if not buf:
-            buf = recv()
-        pos = 0
-        found = {}
+    def _read_line(self, deadline):
+        """One reply line, without its CRLF."""
+        buf = self._buf
+        start = 0
         while True:
-            eol = buf.find(b"\r\n", pos)
-            while eol < 0:
-                buf = buf[pos:] + recv()
-                pos = 0
-                eol = buf.find(b"\r\n")
-            if buf.startswith(b"END", pos) and eol == pos + 3:
-                if eol + 2 != len(buf):
-                    raise MemcacheUnknownError(b"unexpected data after END")
-                self.hits += len(found)
-                self.misses += len(keys_by_wire) - len(found)
-                return found
-            line = buf[pos:eol]
-            if not line.startswith(b"VALUE "):
-                _raise_error_line(line)
-            parts = line.split()
-            if len(parts) != 4:
-                raise MemcacheUnknownError(line[:64])
-            start = eol + 2
-            end = start + int(parts[3])
-            missing = end + 2 - len(buf)
-            if missing > 0:  # a large value: read the rest at once, dropping what was parsed
-                chunks = [buf[pos:]]
-                while missing > 0:
-                    chunk = recv(max(missing, RECV_SIZE))
-                    chunks.append(chunk)
-                    missing -= len(chunk)
-                buf = b"".join(chunks)
-                start, end, pos = start - pos, end - pos, 0
-            if buf[end:end + 2] != b"\r\n":
-                raise MemcacheUnknownError(b"bad data block for " + parts[1])
-            key = keys_by_wire.get(parts[1])
-            if key is None:
-                raise MemcacheUnknownError(b"reply for a key not asked for: " + parts[1])
-            found[key] = (buf[start:end], int(parts[2]))
-            pos = end + 2
+            eol = buf.find(b"\r\n", start)
+            if eol >= 0:
+                self._buf = buf[eol + 2:]
+                if eol > MAX_LINE:
+                    raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
+                return buf[:eol]
+            if len(buf) > MAX_LINE:
+                raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
+            start = max(0, len(buf) - 1)
+            buf += self._recv(deadline)
+            self._buf = buf
+
+    def _read_block(self, length, deadline):
+        """A data block of ``length`` bytes and the CRLF after it."""
+        if length < 0 or length > self.max_value_size:
+            raise ProtocolError("the server declares a %d-byte value (MAX_VALUE_SIZE is %d)"
+                                % (length, self.max_value_size))
+        need = length + 2
+        buf = self._buf
+        if len(buf) < need:
+            chunks = [buf]
+            have = len(buf)
+            while have < need:
+                chunk = self._recv(deadline, min(need - have, BIG_RECV))
+                chunks.append(chunk)
+                have += len(chunk)
+            buf = b"".join(chunks)
+        if buf[length:need] != b"\r\n":
+            raise ProtocolError("data block not followed by CRLF")
+        self._buf = buf[need:]
+        return buf[:length]
+
+    def _expect_end_of_reply(self):
+        if self._buf:
+            raise ProtocolError("unexpected data after reply: %r" % self._buf[:64])
 
     # -- retrieval ----------------------------------------------------------
 
@@ -270,45 +392,107 @@ class Connection(_PymemcacheClient):
         the general reader with what was already read.
         """
         wire = self.key_prefix + key.encode("utf-8")
-        self._send(b"get " + wire + b"\r\n")
-        buf = self.sock.recv(RECV_SIZE)
+        deadline = self.deadline()
+        self._send(b"get " + wire + b"\r\n", deadline)
+        buf = self._recv_first()
         if buf == b"END\r\n":
             self.misses += 1
             return None
         eol = buf.find(b"\r\n")
         header = buf[:eol].split(b" ")
-        if len(header) == 4 and header[0] == b"VALUE" and header[1] == wire:
+        if len(header) == 4 and header[0] == b"VALUE" and header[1] == wire and (
+            header[2].isdigit() and header[3].isdigit()
+        ):
             end = eol + 2 + int(header[3])
-            if len(buf) == end + 7 and buf.endswith(b"\r\nEND\r\n"):
+            if len(buf) == end + 7 and buf.endswith(b"\r\nEND\r\n") and end - eol - 2 <= self.max_value_size:
                 self.hits += 1
                 return buf[eol + 2:end], int(header[2])
-        if not buf:
-            raise MemcacheUnexpectedCloseError()
-        return self._read_values({wire: key}, buf).get(key)
+        return self._read_values({wire: key}, buf, deadline).get(key)
 
-    def send_get_many(self, keys):
+    def _read_values(self, keys_by_wire, buf, deadline):
+        """Read ``VALUE`` blocks up to ``END``; map wire keys back to callers' keys."""
+        pos = 0
+        found = {}
+        max_value = self.max_value_size
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            while eol < 0:
+                if len(buf) - pos > MAX_LINE:
+                    raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
+                buf = buf[pos:] + self._recv(deadline)
+                pos = 0
+                eol = buf.find(b"\r\n")
+            if eol - pos > MAX_LINE:
+                raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
+            if eol == pos + 3 and buf.startswith(b"END", pos):
+                if eol + 2 != len(buf):
+                    raise ProtocolError("unexpected data after END: %r" % buf[eol + 2:eol + 66])
+                self.hits += len(found)
+                self.misses += len(keys_by_wire) - len(found)
+                return found
+            line = buf[pos:eol]
+            parts = line.split(b" ")
+            if parts[0] != b"VALUE":
+                _raise_error_line(line)
+            if len(parts) != 4:
+                raise ProtocolError("malformed VALUE line %r" % line[:64])
+            flags = _check_digits(parts[2], "flags")
+            length = _check_digits(parts[3], "value length")
+            if length > max_value:
+                raise ProtocolError("the server declares a %d-byte value (MAX_VALUE_SIZE is %d)"
+                                    % (length, max_value))
+            key = keys_by_wire.get(parts[1])
+            if key is None or key in found:
+                raise ProtocolError("reply for a key not asked for: %r" % parts[1][:64])
+            start = eol + 2
+            end = start + length
+            if end + 2 > len(buf):
+                # A value that has not all arrived: read exactly the rest, in
+                # bounded chunks, dropping what was parsed already.
+                chunks = [buf[start:]]
+                have = len(buf) - start
+                while have < length + 2:
+                    chunk = self._recv(deadline, min(length + 2 - have, BIG_RECV))
+                    chunks.append(chunk)
+                    have += len(chunk)
+                buf = b"".join(chunks)
+                start, end = 0, length
+            if buf[end:end + 2] != b"\r\n":
+                raise ProtocolError("data block not followed by CRLF for %r" % parts[1][:64])
+            found[key] = (buf[start:end], flags)
+            pos = end + 2
+
+    def send_get_many(self, keys, deadline=None):
         wires = {self._wire(key): key for key in keys}
-        self._send(b"get " + b" ".join(wires) + b"\r\n")
+        self._send(b"get " + b" ".join(wires) + b"\r\n", deadline)
         return wires
 
-    def read_get_many(self, wires):
-        return self._read_values(wires)
+    def read_get_many(self, wires, deadline=None):
+        if deadline is None:
+            deadline = self.deadline()
+        return self._read_values(wires, self._recv(deadline), deadline)
 
     def get_many(self, keys):
-        return self.read_get_many(self.send_get_many(keys))
+        deadline = self.deadline()
+        return self.read_get_many(self.send_get_many(keys, deadline), deadline)
 
     # -- storage ------------------------------------------------------------
 
-    def send_store(self, command, items, expire):
-        """Send one storage command per ``key: (data, flags)`` item."""
+    def send_store(self, command, items, expire, deadline=None):
+        """Send one storage command per ``key: (data, flags)`` item.
+
+        The client has checked every field (expiry, flags, length) against
+        what memcached accepts: a field memcached rejects would make it read
+        the data block as the next command.
+        """
         tail = b" %d " % expire
         self._send(b"".join(
             b"%s %s %d%s%d\r\n%s\r\n" % (command, self._wire(key), flags, tail, len(data), data)
             for key, (data, flags) in items.items()
-        ))
+        ), deadline)
         return list(items)
 
-    def read_store(self, keys):
+    def read_store(self, keys, deadline=None):
         """``{key: None}`` for stored items, ``{key: reason}`` for the others.
 
         NOT_STORED (``add`` of an existing key) and SERVER_ERROR (a value
@@ -316,44 +500,52 @@ class Connection(_PymemcacheClient):
         connection stays in step) are per-item outcomes, not errors.
         """
         outcome = {}
-        for key, line in zip(keys, self._read_lines(len(keys)), strict=True):
-            if line == b"STORED":
-                outcome[key] = None
-            elif line == b"NOT_STORED" or line.startswith(b"SERVER_ERROR"):
-                outcome[key] = line.decode("ascii", "replace")
-            else:
-                _raise_error_line(line)
+        for key, line in zip(keys, self._read_lines(len(keys), deadline), strict=True):
+            outcome[key] = _store_outcome(line)
         return outcome
 
     def store_one(self, command, key, item, expire):
-        """``None`` when stored, else the reason (NOT_STORED, SERVER_ERROR ...)."""
+        """``None`` when stored, else the reason (NOT_STORED, SERVER_ERROR ...).
+
+        The reply must be exactly one status line: anything more means the
+        server and this client are out of step, and the connection is closed.
+        """
         data, flags = item
+        deadline = self.deadline()
         self._send(b"%s %s %d %d %d\r\n%s\r\n" % (
-            command, self.key_prefix + key.encode("utf-8"), flags, expire, len(data), data))
-        line = self.sock.recv(RECV_SIZE)
+            command, self.key_prefix + key.encode("utf-8"), flags, expire, len(data), data), deadline)
+        line = self._recv_first()
         if line == b"STORED\r\n":
             return None
-        if not line:
-            raise MemcacheUnexpectedCloseError()
-        while not line.endswith(b"\r\n"):
-            line += self._recv()
-        line = line[:-2]
-        if b"\r\n" in line:
-            raise MemcacheUnknownError(b"unexpected data after reply: %r" % line[-64:])
-        if line == b"NOT_STORED" or line.startswith(b"SERVER_ERROR"):
-            return line.decode("ascii", "replace")
-        _raise_error_line(line)
+        (line,) = self._read_lines(1, deadline, line)
+        return _store_outcome(line)
+
+    def _read_lines(self, count, deadline=None, buf=None):
+        """Exactly ``count`` reply lines (without their CRLF), and nothing after them."""
+        if buf is None:
+            if deadline is None:
+                deadline = self.deadline()
+            buf = self._recv(deadline)
+        limit = count * MAX_LINE
+        while buf.count(b"\r\n") < count:
+            if len(buf) > limit:
+                raise ProtocolError("reply longer than %d lines allow" % count)
+            buf += self._recv(deadline)
+        lines = buf.split(b"\r\n")
+        if len(lines) != count + 1 or lines[-1]:
+            raise ProtocolError("unexpected data after reply: %r" % buf[-64:])
+        return lines[:count]
 
     # -- the rest -----------------------------------------------------------
 
-    def send_delete_many(self, keys):
-        self._send(b"".join(b"delete " + self._wire(key) + b"\r\n" for key in keys))
+    def send_delete_many(self, keys, deadline=None):
+        self._send(b"".join(b"delete " + self._wire(key) + b"\r\n" for key in keys), deadline)
         return list(keys)
 
-    def read_delete_many(self, keys):
+    def read_delete_many(self, keys, deadline=None):
         """``{key: True if it existed}``."""
         outcome = {}
-        for key, line in zip(keys, self._read_lines(len(keys)), strict=True):
+        for key, line in zip(keys, self._read_lines(len(keys), deadline), strict=True):
             if line == b"DELETED" or line == b"NOT_FOUND":
                 outcome[key] = line == b"DELETED"
             else:
@@ -361,25 +553,88 @@ class Connection(_PymemcacheClient):
         return outcome
 
     def delete_many(self, keys):
-        return self.read_delete_many(self.send_delete_many(keys))
+        deadline = self.deadline()
+        return self.read_delete_many(self.send_delete_many(keys, deadline), deadline)
 
-    def delete(self, key, noreply=None):
+    def delete(self, key):
         return self.delete_many([key])[key]
 
-    def touch(self, key, expire=0, noreply=None):
-        self._send(b"touch %s %d\r\n" % (self._wire(key), expire))
-        (line,) = self._read_lines(1)
+    def _one_line(self, command):
+        deadline = self.deadline()
+        self._send(command, deadline)
+        (line,) = self._read_lines(1, deadline)
+        return line
+
+    def touch(self, key, expire=0):
+        line = self._one_line(b"touch %s %d\r\n" % (self._wire(key), expire))
         if line == b"TOUCHED" or line == b"NOT_FOUND":
             return line == b"TOUCHED"
         _raise_error_line(line)
 
-    def incr(self, key, value, noreply=False):
+    def incr(self, key, value):
         """New value, or None when the key is missing; ``value`` < 0 decrements."""
         command = b"incr" if value >= 0 else b"decr"
-        self._send(b"%s %s %d\r\n" % (command, self._wire(key), abs(value)))
-        (line,) = self._read_lines(1)
+        line = self._one_line(b"%s %s %d\r\n" % (command, self._wire(key), abs(value)))
         if line == b"NOT_FOUND":
             return None
-        if line.isdigit():
+        if line.isdigit() and len(line) <= 20:
             return int(line)
         _raise_error_line(line)
+
+    def flush_all(self):
+        line = self._one_line(b"flush_all\r\n")
+        if line != b"OK":
+            _raise_error_line(line)
+        return True
+
+    def version(self):
+        line = self._one_line(b"version\r\n")
+        if not line.startswith(b"VERSION "):
+            _raise_error_line(line)
+        return line[8:]
+
+    def stats(self):
+        """memcached's ``stats``: ``{name: value}``, numbers as numbers."""
+        deadline = self.deadline()
+        self._send(b"stats\r\n", deadline)
+        result = {}
+        for _ in range(10000):
+            line = self._read_line(deadline)
+            if line == b"END":
+                self._expect_end_of_reply()
+                return result
+            parts = line.split(b" ", 2)
+            if len(parts) != 3 or parts[0] != b"STAT":
+                _raise_error_line(line)
+            name, value = parts[1].decode("ascii", "replace"), parts[2].decode("ascii", "replace")
+            if value.isdigit():
+                value = int(value)
+            else:
+                try:
+                    value = float(value) if "." in value else value
+                except ValueError:
+                    pass
+            result[name] = value
+        raise ProtocolError("stats reply without END")
+
+
+def _store_outcome(line):
+    if line == b"STORED":
+        return None
+    if line == b"NOT_STORED" or line == b"EXISTS" or line == b"NOT_FOUND" or line.startswith(b"SERVER_ERROR"):
+        return line[:200].decode("ascii", "replace")
+    _raise_error_line(line)
+
+
+def _set_kernel_timeouts(sock, timeout):
+    """TIMEOUT for the first recv of a command, in the kernel (SO_RCVTIMEO).
+
+    CPython polls before every recv on a socket that has a Python timeout:
+    two syscalls and two GIL hand-offs per call instead of one, which under
+    threads shows up as context switches. A timed-out recv raises
+    ``BlockingIOError`` (EAGAIN), which the client treats as a timeout.
+    """
+    seconds = int(timeout)
+    timeval = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)

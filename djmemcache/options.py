@@ -20,6 +20,7 @@ from djmemcache.servers import parse_server
 MAX_KEY_LENGTH = 250  # memcached's limit, in bytes, prefix included
 DEFAULT_LOCATION = "127.0.0.1:11211"
 DISTRIBUTIONS = ("consistent", "random")
+DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Options:
     tls_key_file: str = None
     tls_check_hostname: bool = True
     tls_context: object = None  # an ssl.SSLContext; implies TLS
+    max_value_size: int = DEFAULT_MAX_VALUE_SIZE  # bytes; memcached's default item size limit (-I 1m)
     # Not a user option: lets tests drive blacklist expiry without sleeping.
     clock: object = field(default=None, compare=True)
 
@@ -196,6 +198,10 @@ def parse_options(location, options=None, clock=None):
             value = _number(name, value)
         elif name == "serializer":
             value = _serializer(value)
+        elif name == "max_value_size":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31 - 2:
+                raise _bad(name, value, "a whole number of bytes from 1 to 2**31 - 3 "
+                                        "(memcached's item size limit, its -I option)")
         elif name == "compress_min_length":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise _bad(name, value, "a whole number of bytes >= 0 (0: never compress)")

@@ -3,10 +3,18 @@
 One ``HostPool`` per server per configuration per process, shared by every
 thread. Rules that keep replies from crossing between callers:
 
-- a connection that saw any error is closed (``discard``), never returned;
+- a connection that saw any error, or any exception at all, is closed
+  (``discard``) and its slot freed, never returned;
 - an idle connection the server closed meanwhile (restart, idle timeout) is
   noticed before use (``Connection.is_stale``) and replaced;
 - after ``fork()`` the child forgets every inherited connection.
+
+No slot can leak, whatever is raised and wherever: every connection that
+holds a slot is a *member* of the pool, and a member that is dropped without
+being given back or discarded (an exception that struck between two
+bytecodes of the bookkeeping) frees its slot and closes its socket when it
+is garbage collected (a weakref callback). The explicit ``except
+BaseException`` handlers free slots at once; the callback is the backstop.
 
 No network I/O happens while the pool lock is held: the lock only moves
 connections between "idle" and "in use" and counts slots.
@@ -55,10 +63,14 @@ class HostPool:
         _POOLS.add(self)
 
     def _reset_state(self):
-        self._lock = threading.Lock()
+        # Re-entrant: the weakref callback of a lost member may run in a
+        # thread that holds the lock (garbage collected inside a locked block).
+        self._lock = threading.RLock()
         self._freed = threading.Condition(self._lock)
         self._idle = []
-        self._size = 0  # slots taken: idle + in use + being opened
+        # Every connection holding a slot (idle, in use, or connecting):
+        # weakref -> its socket, so a lost member's socket can be closed.
+        self._members = {}
         self._waiting = 0
         self._pid = os.getpid()
         self.opened = 0  # connections opened by this process, for stats and tests
@@ -73,40 +85,68 @@ class HostPool:
         or waiting (random distribution tries every server's idle ones first).
         Raises ``PoolTimeout``, or the ``OSError`` of a failed connect.
         """
-        with self._lock:
-            if self._idle:
-                conn = self._idle.pop()
-            elif idle_only:
-                return None
-            elif self._size < self.max_size:
-                self._size += 1
-                conn = None
-            else:
-                conn = self._wait_for_slot()
-        if conn is None:
-            return self._open()
-        idle = _now() - conn.idle_since
-        # A connection used less than STALE_CHECK_AFTER ago cannot have missed
-        # a server restart (that takes longer); skipping the check keeps a
-        # syscall, and a GIL hand-off, off the busiest path.
-        if (idle >= STALE_CHECK_AFTER and conn.is_stale()) or (
-            self.idle_timeout and idle > self.idle_timeout
-        ):
-            conn.close()  # the slot stays ours: open a new connection in it
-            return self._open()
+        conn = None
+        try:
+            with self._lock:
+                if self._idle:
+                    conn = self._idle.pop()
+                    conn.pooled = False
+                elif idle_only:
+                    return None
+                elif len(self._members) < self.max_size:
+                    conn = self._new_member()
+                else:
+                    conn = self._wait_for_slot()
+            if conn.sock is None:
+                self._connect(conn)
+                return conn
+            idle = _now() - conn.idle_since
+            # A connection used less than STALE_CHECK_AFTER ago cannot have missed
+            # a server restart (that takes longer); skipping the check keeps a
+            # syscall, and a GIL hand-off, off the busiest path.
+            if (idle >= STALE_CHECK_AFTER and conn.is_stale()) or (
+                self.idle_timeout and idle > self.idle_timeout
+            ):
+                conn.close()  # the slot stays ours: open a new connection in it
+                self._connect(conn)
+            return conn
+        except BaseException:
+            if conn is not None:
+                self.discard(conn)
+            raise
+
+    def _new_member(self):
+        # With the lock held: a slot for a connection not yet connected.
+        conn = self.connection_class(self.server, self.options, self.tls_context)
+        ref = weakref.ref(conn, self._lost)
+        conn.member_ref = ref
+        self._members[ref] = None
         return conn
 
+    def _lost(self, ref):
+        """A member was garbage collected without being given back: free its slot."""
+        with self._lock:
+            if ref not in self._members:
+                return  # discarded properly, or a parent's connection after fork
+            sock = self._members.pop(ref)
+            if self._waiting:
+                self._freed.notify()
+        if sock is not None:
+            sock.close()
+        logger.debug("a connection to %s was dropped in use; its slot is free again", self.server)
+
     def _wait_for_slot(self):
-        # Called with the lock held; returns an idle connection or None for a free slot.
+        # Called with the lock held; returns an idle connection or a new member.
         deadline = None if self.wait_timeout is None else time.monotonic() + self.wait_timeout
         self._waiting += 1
         try:
             while True:
                 if self._idle:
-                    return self._idle.pop()
-                if self._size < self.max_size:
-                    self._size += 1
-                    return None
+                    conn = self._idle.pop()
+                    conn.pooled = False
+                    return conn
+                if len(self._members) < self.max_size:
+                    return self._new_member()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise PoolTimeout(
@@ -118,40 +158,49 @@ class HostPool:
         finally:
             self._waiting -= 1
 
-    def _open(self):
-        conn = self.connection_class(self.server, self.options, self.tls_context)
-        try:
-            conn.connect()
-        except BaseException:
-            self._free_slot()
-            raise
+    def _connect(self, conn):
+        conn.connect()
         conn.pid = self._pid
         with self._lock:
+            if conn.member_ref in self._members:
+                self._members[conn.member_ref] = conn.sock
             self.opened += 1
-            count = self._size
+            count = len(self._members)
         logger.debug("new connection to %s (%d in this pool)", self.server, count)
-        return conn
 
     def release(self, conn):
         """Give back a connection whose last command completed cleanly."""
         if conn.pid != self._pid:
             conn.close()  # opened before a fork: its slot belongs to the parent
             return
-        conn.reused = True
-        conn.idle_since = _now()
-        with self._lock:
-            self.hits += conn.hits
-            self.misses += conn.misses
-            conn.hits = conn.misses = 0
-            self._idle.append(conn)
-            if self._waiting:
-                self._freed.notify()
+        try:
+            conn.reused = True
+            conn.idle_since = _now()
+            with self._lock:
+                self.hits += conn.hits
+                self.misses += conn.misses
+                conn.hits = conn.misses = 0
+                self._idle.append(conn)
+                conn.pooled = True
+                if self._waiting:
+                    self._freed.notify()
+        except BaseException:
+            self.discard(conn)
+            raise
 
     def discard(self, conn):
-        """Close a connection that saw an error and free its slot."""
+        """Close a connection that saw an error and free its slot (idempotent)."""
+        with self._lock:
+            if conn.pooled:
+                conn.pooled = False
+                try:
+                    self._idle.remove(conn)
+                except ValueError:
+                    pass
+            freed = self._members.pop(getattr(conn, "member_ref", None), 0) != 0
+            if freed and self._waiting:
+                self._freed.notify()
         conn.close()
-        if conn.pid == self._pid:
-            self._free_slot()
 
     def record_failure(self, timeout, blacklisted):
         with self._lock:
@@ -159,19 +208,15 @@ class HostPool:
             self.timeouts += bool(timeout)
             self.blacklistings += bool(blacklisted)
 
-    def _free_slot(self):
-        with self._lock:
-            self._size -= 1
-            if self._waiting:
-                self._freed.notify()
-
     # -- housekeeping -------------------------------------------------------
 
     def clear_idle(self):
         """Close every idle connection (the server was blacklisted, or at exit)."""
         with self._lock:
             idle, self._idle = self._idle, []
-            self._size -= len(idle)
+            for conn in idle:
+                conn.pooled = False
+                self._members.pop(conn.member_ref, None)
             if self._waiting:
                 self._freed.notify_all()
         for conn in idle:
@@ -187,7 +232,7 @@ class HostPool:
     def status(self):
         with self._lock:
             idle = len(self._idle)
-            return {"in_use": self._size - idle, "idle": idle, "opened": self.opened}
+            return {"in_use": len(self._members) - idle, "idle": idle, "opened": self.opened}
 
     def counters(self):
         with self._lock:

@@ -41,6 +41,15 @@ _MAC_SIZE = 32  # HMAC-SHA256
 _MAC_SALT = "djmemcache.serializer.signed-value"
 
 
+# What decoding a corrupt or hostile item raises (pickle raises nearly
+# anything). Named, not ``Exception``: an exception raised meanwhile by the
+# caller's own code (a signal handler's) must reach the caller, not become a miss.
+_DECODING_ERRORS = (
+    pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+    IndexError, KeyError, LookupError, OverflowError, RecursionError, MemoryError, zlib.error,
+)
+
+
 class CorruptValue(ValueError):
     """An item in memcached that this serializer cannot or must not decode."""
 
@@ -161,12 +170,15 @@ class Serializer:
                 zstandard = _zstd()
                 if zstandard is None:
                     raise CorruptValue("zstd-compressed item, and zstandard is not installed")
-                data = zstandard.ZstdDecompressor().decompress(data)
+                try:
+                    data = zstandard.ZstdDecompressor().decompress(data)
+                except zstandard.ZstdError as exc:
+                    raise CorruptValue("corrupt zstd data: %s" % exc) from exc
                 flags &= ~FLAG_ZSTD
             return self.format.loads(data, flags)
         except CorruptValue:
             raise
-        except Exception as exc:
+        except _DECODING_ERRORS as exc:
             raise CorruptValue("cannot decode item with flags %d: %r" % (flags, exc)) from exc
 
     def _mac(self, secret, key, flags, data):

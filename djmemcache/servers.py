@@ -1,6 +1,7 @@
 """Server specs, which server a key goes to, and the blacklist of failed servers."""
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -133,34 +134,68 @@ class Rendezvous:
 class Blacklist:
     """Which servers are left out after a timeout or a refused connection.
 
-    A banned server stays out for ``blacklist_time`` seconds; then exactly one
-    caller gets to probe it (``claim_probe``), and the probe's outcome either
-    brings it back (``restore``) or restarts the period (``ban``). All state
-    moves under one lock; ``live`` is an immutable tuple replaced whole, so
-    the hot path reads it without locking.
+    A banned server is probed soon (``first_delay``, about a second), and
+    while probes keep failing the delay doubles up to ``blacklist_time``
+    (mcrouter's back-off), so a blip costs about a second of misses and a
+    dead server costs one probe per ``blacklist_time``. Exactly one caller
+    claims each probe (``claim_probe``), which either brings the server back
+    (``restore``) or schedules the next one (``probe_failed``).
+
+    All changes happen under one lock. ``state`` is an immutable
+    ``(live, next_probe)`` pair replaced whole, so the hot path reads it
+    once, without locking, and never sees half an update.
     """
 
-    def __init__(self, servers, blacklist_time, clock=time.monotonic):
+    def __init__(self, servers, blacklist_time, clock=time.monotonic, first_delay=1.0):
         self.servers = tuple(servers)
         self.blacklist_time = blacklist_time
+        self.first_delay = min(first_delay, blacklist_time)
         self.clock = clock
         self._lock = threading.Lock()
-        self._banned = {}  # index -> [until, reason]
-        self.live = tuple(range(len(self.servers)))
-        self.next_probe = None  # earliest "until" among banned servers, or None
+        self._banned = {}  # index -> _Ban
+        self.state = (tuple(range(len(self.servers))), None)
+
+    @property
+    def live(self):
+        return self.state[0]
+
+    @property
+    def next_probe(self):
+        return self.state[1]
 
     def ban(self, index, reason):
-        """Leave server ``index`` out; log only when its state changes."""
+        """Leave server ``index`` out; True (and a log line) only when it was live.
+
+        A ``blacklist_time`` of 0 turns blacklisting off: every call tries every server.
+        """
+        if self.blacklist_time <= 0:
+            return False
         with self._lock:
-            was_banned = index in self._banned
-            self._banned[index] = [self.clock() + self.blacklist_time, reason]
+            if index in self._banned:
+                self._banned[index].reason = reason
+                return False
+            self._banned[index] = _Ban(self.clock() + self.first_delay, reason)
             self._update()
-        if not was_banned:
-            logger.warning(
-                "memcached server %s blacklisted for %ss: %s",
-                self.servers[index], self.blacklist_time, reason,
-            )
-        return not was_banned
+        logger.warning(
+            "memcached server %s blacklisted (first probe in %ss): %s",
+            self.servers[index], self.first_delay, reason,
+        )
+        return True
+
+    def probe_failed(self, index, reason):
+        """The probe of ``index`` failed: wait twice as long before the next one."""
+        with self._lock:
+            entry = self._banned.get(index)
+            if entry is None:
+                return
+            entry.failures += 1
+            entry.reason = reason
+            entry.prober = None
+            delay = min(self.first_delay * 2 ** min(entry.failures, 30), self.blacklist_time)
+            entry.until = self.clock() + delay
+            self._update()
+        logger.info("memcached server %s still down, next probe in %.3gs: %s",
+                    self.servers[index], delay, reason)
 
     def restore(self, index):
         with self._lock:
@@ -169,28 +204,42 @@ class Blacklist:
         if entry is not None:
             logger.warning("memcached server %s is back in service", self.servers[index])
 
-    def claim_probe(self):
-        """Return the index of a server whose period is over, for this caller
-        alone to probe, or None.
+    def claim_probe(self, hold):
+        """Indexes of servers due for a probe, claimed by this caller alone.
 
-        Claiming pushes the server's period forward, so no other caller claims
-        it meanwhile, and a prober that never reports leaves it banned.
+        A claim moves the server's next probe ``hold`` seconds ahead (longer
+        than a probe can take), so nobody claims it meanwhile and a prober
+        that never reports (a killed thread, a fork) is replaced then.
         """
         now = self.clock()
+        pid = os.getpid()
+        claimed = []
         with self._lock:
             for index, entry in self._banned.items():
-                if entry[0] <= now:
-                    entry[0] = now + self.blacklist_time
-                    self._update()
-                    return index
-        return None
+                if entry.until <= now or (entry.prober is not None and entry.prober != pid):
+                    entry.until = now + hold
+                    entry.prober = pid
+                    claimed.append(index)
+            if claimed:
+                self._update()
+        return claimed
 
-    def state(self, index):
-        """``(banned_until, reason)`` on the blacklist's clock, or None when live."""
+    def state_of(self, index):
+        """``(next_probe_at, reason)`` on the blacklist's clock, or None when live."""
         with self._lock:
             entry = self._banned.get(index)
-            return tuple(entry) if entry else None
+            return (entry.until, entry.reason) if entry else None
 
     def _update(self):
-        self.live = tuple(i for i in range(len(self.servers)) if i not in self._banned)
-        self.next_probe = min((e[0] for e in self._banned.values()), default=None)
+        live = tuple(i for i in range(len(self.servers)) if i not in self._banned)
+        self.state = (live, min((e.until for e in self._banned.values()), default=None))
+
+
+class _Ban:
+    __slots__ = ("until", "reason", "failures", "prober")
+
+    def __init__(self, until, reason):
+        self.until = until
+        self.reason = reason
+        self.failures = 0
+        self.prober = None  # pid of the process whose thread probes it now

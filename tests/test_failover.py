@@ -58,7 +58,7 @@ def test_refused_server_is_blacklisted_and_its_keys_go_to_the_others(memcached_f
         client.close()
 
 
-def test_blacklisted_server_comes_back_after_one_successful_probe(memcached_factory):
+def test_blacklisted_server_comes_back_after_one_successful_probe_off_the_request_path(memcached_factory):
     clock = FakeClock()
     servers = [memcached_factory() for _ in range(2)]
     options = parse_options([s.location for s in servers],
@@ -70,18 +70,21 @@ def test_blacklisted_server_comes_back_after_one_successful_probe(memcached_fact
         client.get(keys[0])  # refused: blacklisted
         assert client.blacklist.live == (1,)
         servers[0].restart()
-        clock.now += 29
+        clock.now += 0.9
         client.get(keys[1])
-        assert client.blacklist.live == (1,)  # period not over: nobody probes
-        clock.now += 1
-        client.set(keys[2], "back", 0)  # this caller probes, the probe succeeds
+        client.wait_for_probes()
+        assert client.blacklist.live == (1,)  # not due: nobody probes
+        clock.now += 0.1
+        client.set(keys[2], "elsewhere", 0)  # starts the probe, and does not wait for it
+        client.wait_for_probes()
         assert client.blacklist.live == (0, 1)
+        client.set(keys[3], "back", 0)
         assert servers[0].stats()["curr_items"] == 1
     finally:
         client.close()
 
 
-def test_failed_probe_restarts_the_blacklist_period(memcached_factory):
+def test_failed_probe_doubles_the_wait_for_the_next_one(memcached_factory):
     clock = FakeClock()
     servers = [memcached_factory() for _ in range(2)]
     options = parse_options([s.location for s in servers], {"TIMEOUT": 0.5, "BLACKLIST_TIME": 30}, clock=clock)
@@ -90,10 +93,11 @@ def test_failed_probe_restarts_the_blacklist_period(memcached_factory):
         servers[0].kill()
         client.flush_all()
         assert client.blacklist.live == (1,)
-        clock.now += 30
-        client.get(":1:any")  # probe: still refused
+        clock.now += 1
+        client.get(":1:any")  # starts a probe: still refused
+        client.wait_for_probes()
         assert client.blacklist.live == (1,)
-        assert client.blacklist.state(0)[0] == clock.now + 30
+        assert client.blacklist.state_of(0)[0] == clock.now + 2
     finally:
         client.close()
 

@@ -191,10 +191,11 @@ def test_pool_idle_timeout_replaces_connections_idle_too_long(mc1):
     conn = pool.acquire()
     pool.release(conn)
     assert pool.acquire() is conn  # fresh enough
+    old_socket = conn.sock
     pool.release(conn)
     time.sleep(0.2)
-    replacement = pool.acquire()
-    assert replacement is not conn and conn.sock is None and pool.opened == 2
+    replacement = pool.acquire()  # the same slot, on a new socket
+    assert replacement.sock is not old_socket and old_socket.fileno() == -1 and pool.opened == 2
     pool.release(replacement)
     pool.clear_idle()
 

@@ -67,29 +67,60 @@ class FakeClock:
         return self.now
 
 
-def test_blacklist_bans_for_the_configured_time_then_allows_one_probe():
+def test_banned_server_is_probed_after_a_second_by_one_caller_only():
     clock = FakeClock()
     bl = Blacklist(["a:1", "b:2"], blacklist_time=30, clock=clock)
     assert bl.live == (0, 1)
     assert bl.ban(1, "timed out") is True
-    assert bl.live == (0,) and bl.next_probe == 1030.0
-    assert bl.claim_probe() is None  # period not over
-    clock.now = 1030.0
-    assert bl.claim_probe() == 1
-    assert bl.claim_probe() is None  # only one caller probes
+    assert bl.live == (0,) and bl.next_probe == 1001.0
+    assert bl.claim_probe(hold=5) == []  # not due yet
+    clock.now = 1001.0
+    assert bl.claim_probe(hold=5) == [1]
+    assert bl.claim_probe(hold=5) == []  # only one caller probes
+    assert bl.next_probe == 1006.0  # the claim holds it while the probe runs
     bl.restore(1)
     assert bl.live == (0, 1) and bl.next_probe is None
 
 
-def test_failed_probe_restarts_the_period():
+def test_failed_probes_back_off_exponentially_up_to_blacklist_time():
     clock = FakeClock()
     bl = Blacklist(["a:1"], blacklist_time=10, clock=clock)
     bl.ban(0, "connection refused")
-    clock.now += 10
-    assert bl.claim_probe() == 0
-    assert bl.ban(0, "probe failed") is False  # still banned: no new state
-    assert bl.state(0) == (clock.now + 10, "probe failed")
+    delays = []
+    for _ in range(6):
+        clock.now = bl.next_probe
+        assert bl.claim_probe(hold=5) == [0]
+        bl.probe_failed(0, "probe failed: connection refused")
+        delays.append(bl.next_probe - clock.now)
+    assert delays == [2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    assert bl.state_of(0) == (clock.now + 10, "probe failed: connection refused")
     assert bl.live == ()
+    bl.restore(0)
+    assert bl.ban(0, "timed out") and bl.next_probe == clock.now + 1.0  # back-off starts over
+
+
+def test_a_ban_while_banned_keeps_the_probe_schedule():
+    clock = FakeClock()
+    bl = Blacklist(["a:1"], blacklist_time=10, clock=clock)
+    bl.ban(0, "timed out")
+    clock.now += 0.5
+    assert bl.ban(0, "timed out") is False  # a late failure of a call already under way
+    assert bl.next_probe == 1001.0
+
+
+def test_blacklist_time_zero_never_bans():
+    bl = Blacklist(["a:1"], blacklist_time=0, clock=FakeClock())
+    assert bl.ban(0, "timed out") is False and bl.live == (0,)
+
+
+def test_a_probe_claimed_by_a_parent_process_is_claimed_again_in_the_child():
+    clock = FakeClock()
+    bl = Blacklist(["a:1"], blacklist_time=10, clock=clock)
+    bl.ban(0, "timed out")
+    clock.now += 1
+    assert bl.claim_probe(hold=5) == [0]
+    bl._banned[0].prober = -1  # as a forked child sees its parent's claim
+    assert bl.claim_probe(hold=5) == [0]
 
 
 def test_blacklist_logs_state_changes_only(caplog):
@@ -102,5 +133,5 @@ def test_blacklist_logs_state_changes_only(caplog):
         bl.restore(0)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
-    assert "a:1 blacklisted for 10s: timed out" in messages[0]
+    assert "a:1 blacklisted (first probe in 1.0s): timed out" in messages[0]
     assert "a:1 is back in service" in messages[1]
