@@ -211,8 +211,9 @@ class Connection:
             host, port = address
             family, _, _, _, target = socket.getaddrinfo(
                 host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = None
         try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             err = sock.connect_ex(target)
             if err in _IN_PROGRESS:
@@ -231,7 +232,8 @@ class Connection:
             else:
                 sock.settimeout(None)  # gevent: cooperative; our waits bound it
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
         self.sock = sock
         self._green = green

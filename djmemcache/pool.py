@@ -12,9 +12,10 @@ thread. Rules that keep replies from crossing between callers:
 No slot can leak, whatever is raised and wherever: every connection that
 holds a slot is a *member* of the pool, and a member that is dropped without
 being given back or discarded (an exception that struck between two
-bytecodes of the bookkeeping) frees its slot and closes its socket when it
-is garbage collected (a weakref callback). The explicit ``except
-BaseException`` handlers free slots at once; the callback is the backstop.
+bytecodes of the bookkeeping) has its slot freed and its socket closed once
+it is garbage collected (a weakref callback notes it, the pool reaps it).
+The explicit ``except BaseException`` handlers free slots at once; the
+callback is the backstop.
 
 No network I/O happens while the pool lock is held: the lock only moves
 connections between "idle" and "in use" and counts slots.
@@ -63,15 +64,19 @@ class HostPool:
         _POOLS.add(self)
 
     def _reset_state(self):
-        # Re-entrant: the weakref callback of a lost member may run in a
-        # thread that holds the lock (garbage collected inside a locked block).
-        self._lock = threading.RLock()
-        self._freed = threading.Condition(self._lock)
+        self._lock = threading.Lock()
         self._idle = []
         # Every connection holding a slot (idle, in use, or connecting):
         # weakref -> its socket, so a lost member's socket can be closed.
         self._members = {}
-        self._waiting = 0
+        # Weakrefs of members that were garbage collected in use. The callback
+        # is list.append itself: C code that a signal cannot interrupt, where
+        # a Python callback could be cut short (its exception unraisable).
+        self._lost = []
+        # Callers waiting for a slot, each on a lock of its own that a freed
+        # slot releases. Not a Condition: a signal handler that raises while
+        # Condition.wait re-acquires the lock leaves the lock unowned.
+        self._waiters = []
         self._pid = os.getpid()
         self.opened = 0  # connections opened by this process, for stats and tests
         self.hits = self.misses = self.errors = self.timeouts = self.blacklistings = 0
@@ -93,10 +98,10 @@ class HostPool:
                     conn.pooled = False
                 elif idle_only:
                     return None
-                elif len(self._members) < self.max_size:
-                    conn = self._new_member()
                 else:
-                    conn = self._wait_for_slot()
+                    conn = self._take()
+            if conn is None:
+                conn = self._wait_for_slot()
             if conn.sock is None:
                 self._connect(conn)
                 return conn
@@ -118,35 +123,42 @@ class HostPool:
     def _new_member(self):
         # With the lock held: a slot for a connection not yet connected.
         conn = self.connection_class(self.server, self.options, self.tls_context)
-        ref = weakref.ref(conn, self._lost)
+        ref = weakref.ref(conn, self._lost.append)
         conn.member_ref = ref
         self._members[ref] = None
         return conn
 
-    def _lost(self, ref):
-        """A member was garbage collected without being given back: free its slot."""
-        with self._lock:
-            if ref not in self._members:
-                return  # discarded properly, or a parent's connection after fork
-            sock = self._members.pop(ref)
-            if self._waiting:
-                self._freed.notify()
-        if sock is not None:
-            sock.close()
-        logger.debug("a connection to %s was dropped in use; its slot is free again", self.server)
+    def _reap(self):
+        """With the lock held: free the slots of members lost in use, close their sockets."""
+        while self._lost:
+            sock = self._members.pop(self._lost.pop(), 0)
+            if sock != 0:
+                logger.debug("a connection to %s was dropped in use; its slot is free again", self.server)
+                if sock is not None:
+                    sock.close()
+
+    def _take(self):
+        # With the lock held: an idle connection, a new member, or None.
+        if self._lost:
+            self._reap()
+        if self._idle:
+            conn = self._idle.pop()
+            conn.pooled = False
+            return conn
+        if len(self._members) < self.max_size:
+            return self._new_member()
+        return None
 
     def _wait_for_slot(self):
-        # Called with the lock held; returns an idle connection or a new member.
+        """Wait (without the pool lock) until a slot frees up, up to ``wait_timeout``."""
         deadline = None if self.wait_timeout is None else time.monotonic() + self.wait_timeout
-        self._waiting += 1
-        try:
-            while True:
-                if self._idle:
-                    conn = self._idle.pop()
-                    conn.pooled = False
+        while True:
+            waiter = threading.Lock()
+            waiter.acquire()
+            with self._lock:
+                conn = self._take()
+                if conn is not None:
                     return conn
-                if len(self._members) < self.max_size:
-                    return self._new_member()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise PoolTimeout(
@@ -154,9 +166,21 @@ class HostPool:
                         "(MAX_POOL_SIZE=%d)" % (self.server, self.wait_timeout, self.max_size),
                         server=str(self.server),
                     )
-                self._freed.wait(remaining)
-        finally:
-            self._waiting -= 1
+                self._waiters.append(waiter)
+            try:
+                # In slices: a slot freed by a lost member wakes nobody.
+                waiter.acquire(True, 0.05 if remaining is None else min(remaining, 0.05))
+            finally:
+                with self._lock:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+
+    def _wake_waiters(self):
+        # With the lock held. Every waiter looks again, and one gets the slot:
+        # waking only one could wake a waiter that an exception is taking away.
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
 
     def _connect(self, conn):
         conn.connect()
@@ -182,8 +206,8 @@ class HostPool:
                 conn.hits = conn.misses = 0
                 self._idle.append(conn)
                 conn.pooled = True
-                if self._waiting:
-                    self._freed.notify()
+                if self._waiters:
+                    self._wake_waiters()
         except BaseException:
             self.discard(conn)
             raise
@@ -197,9 +221,8 @@ class HostPool:
                     self._idle.remove(conn)
                 except ValueError:
                     pass
-            freed = self._members.pop(getattr(conn, "member_ref", None), 0) != 0
-            if freed and self._waiting:
-                self._freed.notify()
+            if self._members.pop(getattr(conn, "member_ref", None), 0) != 0:
+                self._wake_waiters()
         conn.close()
 
     def record_failure(self, timeout, blacklisted):
@@ -217,8 +240,7 @@ class HostPool:
             for conn in idle:
                 conn.pooled = False
                 self._members.pop(conn.member_ref, None)
-            if self._waiting:
-                self._freed.notify_all()
+            self._wake_waiters()
         for conn in idle:
             conn.close()
 
@@ -231,6 +253,7 @@ class HostPool:
 
     def status(self):
         with self._lock:
+            self._reap()
             idle = len(self._idle)
             return {"in_use": len(self._members) - idle, "idle": idle, "opened": self.opened}
 

@@ -47,8 +47,16 @@ def test_ctrl_c_stops_everything_the_demo_started():
     import time
 
     proc = _start_demo("--duration", "60", "--threads", "2")
-    time.sleep(4)
+    head = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the site is up (a loaded machine is slow)
+        line = proc.stdout.readline()
+        head.append(line)
+        if not line or re.search(r"pid (\d+), port", line):
+            break
+    time.sleep(1)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
+    out = "".join(head) + out
     assert "interrupted: stopping everything" in out, out
     assert not [pid for pid in _started_pids(out) if _alive(pid)]
