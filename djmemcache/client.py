@@ -185,7 +185,9 @@ class Client:
                 candidate = live[(start + i) % len(live)]
                 try:
                     conn = self.pools[candidate].acquire(idle_only=True)
-                except OSError as exc:  # a stale idle connection, and the reconnect failed
+                except Exception as exc:  # a stale idle connection, and the reconnect failed
+                    if fault_kind(exc) is None:
+                        raise
                     self._connect_failed(candidate, exc)
                     continue
                 if conn is not None:
@@ -194,8 +196,8 @@ class Client:
                 index = random.choice(self._live())
         try:
             return index, self.pools[index].acquire()
-        except OSError as exc:
-            if fault_kind(exc) is None:
+        except Exception as exc:  # PoolTimeout is no fault of the server's
+            if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
                 raise
             raise self._connect_failed(index, exc) from exc
 
@@ -368,8 +370,8 @@ class Client:
                 pool = self.pools[index]
                 try:
                     conn = pool.acquire()
-                except OSError as exc:
-                    if fault_kind(exc) is None:
+                except Exception as exc:
+                    if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
                         raise
                     raise self._connect_failed(index, exc) from exc
                 try:

@@ -14,7 +14,8 @@ from djmemcache import PoolTimeout
 from helpers import Traffic, run_threads, value_for
 
 BACKEND = "djmemcache.backend.PyMemcacheCache"
-FAST = {"TIMEOUT": 0.2, "CONNECT_TIMEOUT": 0.2, "BLACKLIST_TIME": 1}
+# What W001 asks for, and every other option at its default (BLACKLIST_TIME 60).
+FAST = {"TIMEOUT": 0.5}
 
 pytestmark = pytest.mark.slow
 
@@ -50,25 +51,105 @@ def test_hung_server_is_blacklisted_and_used_again_after_sigcont(memcached_facto
             time.sleep(2.0)
             servers[2].resume()
             resumed_at = time.monotonic()
-            assert _wait_until(lambda: _state(2) == "up", 3)
+            assert _wait_until(lambda: _state(2) == "up", 5)
             back_at = time.monotonic()
             hits_before = servers[2].stats()["get_hits"]
             time.sleep(0.5)
         finally:
             traffic.stop()
         calls = traffic.since(0)
-        after_ban = traffic.since(banned_at)
+        after_ban = traffic.since(banned_at + 0.1)  # calls under way at the ban may still time out
         assert Traffic.errors(calls) == []
         assert Traffic.wrong(calls) == []
-        slow = Traffic.slower_than(after_ban, 0.2)
-        assert len(slow) < 0.01 * len(after_ban), (len(slow), len(after_ban))
+        # Probes run in a thread of their own: no caller waits for one.
+        slow = Traffic.slower_than(after_ban, 0.25)
+        assert len(slow) < 0.001 * len(after_ban) + 2, (len(slow), len(after_ban))
         assert servers[2].stats()["get_hits"] > hits_before  # it serves its keys again
+        assert back_at - resumed_at < 4.5  # probes at 1 s, then 2 s, 4 s... while it hangs
         print("\nFAULT hung: calls=%d wrong=0 errors=0 blacklisted %.2fs after SIGSTOP; "
-              "after that %d of %d calls (%.2f%%) slower than the 0.2s timeout; p99 %.1f ms; "
-              "back %.2fs after SIGCONT (BLACKLIST_TIME=1)"
+              "after that %d of %d calls slower than 0.25s (TIMEOUT 0.5); p99 %.1f ms; "
+              "back %.2fs after SIGCONT (a 2 s stall, BLACKLIST_TIME default 60)"
               % (len(calls), banned_at - paused_at, len(slow), len(after_ban),
-                 100.0 * len(slow) / len(after_ban), 1000 * Traffic.percentile(after_ban, 0.99),
-                 back_at - resumed_at))
+                 1000 * Traffic.percentile(after_ban, 0.99), back_at - resumed_at))
+
+
+def _first_hit_after(cache, key, value, since, limit):
+    """Seconds from ``since`` until ``cache.get(key)`` returns ``value``, or None."""
+    while time.monotonic() - since < limit:
+        if cache.get(key) == value:
+            return time.monotonic() - since
+        time.sleep(0.01)
+    return None
+
+
+def test_single_server_short_stall_under_8_threads_costs_about_a_second(memcached_factory):
+    """The deployment most sites run: one memcached, TIMEOUT 0.5 as W001 asks,
+    BLACKLIST_TIME at its default. A 0.8 s stall must not become a minute of misses."""
+    server = memcached_factory()
+    with override_settings(CACHES=_settings([server])):
+        cache = caches["default"]
+        cache.set("marker", "here")
+        traffic = Traffic().start()
+        try:
+            time.sleep(0.5)
+            server.pause()
+            time.sleep(0.8)
+            server.resume()
+            resumed_at = time.monotonic()
+            hit_after = _first_hit_after(cache, "marker", "here", resumed_at, 10)
+            time.sleep(0.5)
+        finally:
+            traffic.stop()
+        assert Traffic.errors(traffic.since(0)) == [] and Traffic.wrong(traffic.since(0)) == []
+        assert hit_after is not None and hit_after < 2.0, hit_after
+        print("\nFAULT single-server 0.8 s stall, 8 threads: hits again %.2fs after SIGCONT" % hit_after)
+
+
+def test_single_server_restart_on_the_same_port_round_trips_within_two_seconds(memcached_factory):
+    server = memcached_factory()
+    with override_settings(CACHES=_settings([server])):
+        cache = caches["default"]
+        traffic = Traffic().start()
+        try:
+            time.sleep(0.5)
+            server.kill()
+            time.sleep(0.2)  # traffic meets the refusal: the server is blacklisted
+            server.restart()
+            restarted_at = time.monotonic()
+            back_after = None
+            while time.monotonic() - restarted_at < 10:
+                cache.set("round-trip", "yes")
+                if cache.get("round-trip") == "yes":
+                    back_after = time.monotonic() - restarted_at
+                    break
+                time.sleep(0.01)
+        finally:
+            traffic.stop()
+        assert Traffic.errors(traffic.since(0)) == [] and Traffic.wrong(traffic.since(0)) == []
+        assert back_after is not None and back_after < 2.0, back_after
+        print("\nFAULT single-server restart: set+get round trip %.2fs after the restart" % back_after)
+
+
+def test_single_server_five_second_stall_is_probed_with_back_off(memcached_factory):
+    server = memcached_factory()
+    with override_settings(CACHES=_settings([server])):
+        cache = caches["default"]
+        cache.set("marker", "here")
+        traffic = Traffic(threads=4).start()
+        try:
+            time.sleep(0.3)
+            server.pause()
+            time.sleep(5)
+            server.resume()
+            resumed_at = time.monotonic()
+            hit_after = _first_hit_after(cache, "marker", "here", resumed_at, 15)
+        finally:
+            traffic.stop()
+        calls = traffic.since(0)
+        assert Traffic.errors(calls) == [] and Traffic.wrong(calls) == []
+        assert hit_after is not None and hit_after < 6.0, hit_after  # not BLACKLIST_TIME (60)
+        print("\nFAULT single-server 5 s stall: hits again %.2fs after SIGCONT; slowest call %.2fs"
+              % (hit_after, max(c[1] for c in calls)))
 
 
 def test_killed_server_is_blacklisted_and_calls_stay_fast(memcached_factory):

@@ -3,6 +3,10 @@
 import logging
 import os
 import pickle
+import socket
+import ssl
+import threading
+import time
 
 import pytest
 
@@ -118,3 +122,75 @@ def test_tls_with_the_wrong_ca_fails_clearly_and_blacklists(make_cache, memcache
     with pytest.raises(ServerError, match="CERTIFICATE_VERIFY_FAILED"):
         cache.get("k")
     assert cache.stats()[0]["state"] == "blacklisted"
+
+
+def _tls_server(memcached_factory, tls_files):
+    return memcached_factory(extra_args=(
+        "-Z", "-o", "ssl_chain_cert=%s,ssl_key=%s" % (tls_files["chain"], tls_files["key"])))
+
+
+def test_tls_call_to_a_stopped_server_ends_within_timeout(make_cache, memcached_factory, tls_files):
+    server = _tls_server(memcached_factory, tls_files)
+    cache = make_cache(server.location, {"TLS_CA_FILE": tls_files["ca"], "TIMEOUT": 0.5})
+    cache.set("k", "v")
+    server.pause()
+    try:
+        started = time.monotonic()
+        assert cache.get("k") is None
+        assert time.monotonic() - started < 1.0
+    finally:
+        server.resume()
+    assert cache.stats()[0]["state"] == "blacklisted"
+
+
+def test_tls_handshake_with_a_silent_server_ends_within_connect_timeout(make_cache, tls_files):
+    with socket.socket() as listener:  # accepts TCP connections (backlog), never speaks TLS
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        location = "127.0.0.1:%d" % listener.getsockname()[1]
+        cache = make_cache(location, {"TLS_CA_FILE": tls_files["ca"], "TIMEOUT": 5,
+                                      "CONNECT_TIMEOUT": 0.5, "IGNORE_EXC": False})
+        started = time.monotonic()
+        with pytest.raises(ServerError, match="connect timed out"):
+            cache.get("k")
+        assert time.monotonic() - started < 1.0
+
+
+def test_tls_reply_dribbled_a_byte_at_a_time_ends_within_timeout(make_cache, tls_files):
+    """TIMEOUT bounds the whole command, not each recv: a server that sends a
+    valid reply one byte every 50 ms cannot hold the call past the deadline."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls_files["chain"], tls_files["key"])
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(5)
+    done = threading.Event()
+
+    def serve():
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(5)
+            tls.recv(100)
+            for byte in b"VALUE :1:k 0 100\r\n" + b"x" * 100 + b"\r\nEND\r\n":
+                if done.is_set():
+                    break
+                try:
+                    tls.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        cache = make_cache("127.0.0.1:%d" % listener.getsockname()[1],
+                           {"TLS_CA_FILE": tls_files["ca"], "TIMEOUT": 0.5, "IGNORE_EXC": False})
+        started = time.monotonic()
+        with pytest.raises(ServerError, match="timed out"):
+            cache.get("k")
+        assert time.monotonic() - started < 1.0
+    finally:
+        done.set()
+        thread.join(10)
+        listener.close()
