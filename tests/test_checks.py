@@ -10,6 +10,7 @@ none does.
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -114,22 +115,35 @@ def test_every_call_raises_again():
 # -- real `manage.py check` on a generated project --------------------------------
 
 
-def _project(tmp_path, installed, options):
-    """A project made by ``django-admin startproject``, with our CACHES."""
-    subprocess.run([sys.executable, "-m", "django", "startproject", "mysite", str(tmp_path)],
+@pytest.fixture(scope="module")
+def _startproject(tmp_path_factory):
+    """A project made once by ``django-admin startproject``."""
+    path = tmp_path_factory.mktemp("startproject")
+    subprocess.run([sys.executable, "-m", "django", "startproject", "mysite", str(path)],
                    check=True, capture_output=True)
-    settings = tmp_path / "mysite" / "settings.py"
-    with settings.open("a") as f:
-        f.write(textwrap.dedent("""
-            CACHES = {"default": {
-                "BACKEND": %r,
-                "LOCATION": "127.0.0.1:1",
-                "OPTIONS": %r,
-            }}
-        """ % (BACKEND, options)))
-        if installed:
-            f.write('INSTALLED_APPS += ["djmemcache"]\n')
-    return tmp_path
+    return path
+
+
+@pytest.fixture
+def project(_startproject, tmp_path):
+    """``project(installed, options)``: a copy of the generated project with our CACHES."""
+
+    def make(installed, options):
+        path = tmp_path / "project"
+        shutil.copytree(_startproject, path)
+        with (path / "mysite" / "settings.py").open("a") as f:
+            f.write(textwrap.dedent("""
+                CACHES = {"default": {
+                    "BACKEND": %r,
+                    "LOCATION": "127.0.0.1:1",
+                    "OPTIONS": %r,
+                }}
+            """ % (BACKEND, options)))
+            if installed:
+                f.write('INSTALLED_APPS += ["djmemcache"]\n')
+        return path
+
+    return make
 
 
 def _manage(project, *args):
@@ -142,8 +156,8 @@ def _manage(project, *args):
 FIRST_CALL = "from django.core.cache import cache; cache.get('k')"
 
 
-def test_manage_py_check_lists_an_options_typo_as_e001(tmp_path):
-    project = _project(tmp_path, installed=True, options=TYPO)
+def test_manage_py_check_lists_an_options_typo_as_e001(project):
+    project = project(installed=True, options=TYPO)
     result = _manage(project, "check")
     print(result.stdout, result.stderr)  # the closing note quotes this output
     assert result.returncode == 1
@@ -155,27 +169,28 @@ def test_manage_py_check_lists_an_options_typo_as_e001(tmp_path):
     assert "ImproperlyConfigured: " + _parse_error("127.0.0.1:1", TYPO) in first_call.stderr
 
 
-def test_manage_py_check_warns_w001_once_with_the_app_installed(tmp_path):
-    result = _manage(_project(tmp_path, installed=True, options={}), "check")
+def test_manage_py_check_warns_w001_once_with_the_app_installed(project):
+    project = project(installed=True, options={})
+    result = _manage(project, "check")
     assert result.returncode == 0, result.stderr
     assert (result.stdout + result.stderr).count("djmemcache.W001") == 1
     assert "System check identified 1 issue" in result.stdout + result.stderr
-    assert _manage(tmp_path, "check", "--fail-level", "WARNING").returncode == 1
+    assert _manage(project, "check", "--fail-level", "WARNING").returncode == 1
 
 
-def test_manage_py_check_is_clean_with_good_settings(tmp_path):
-    result = _manage(_project(tmp_path, installed=True, options={"TIMEOUT": 0.5}), "check")
+def test_manage_py_check_is_clean_with_good_settings(project):
+    result = _manage(project(installed=True, options={"TIMEOUT": 0.5}), "check")
     assert result.returncode == 0, result.stderr
     assert "System check identified no issues" in result.stdout
 
 
 @pytest.mark.parametrize("options", [TYPO, {}], ids=["typo", "no-timeout"])
-def test_without_the_app_check_runs_no_djmemcache_check_and_does_not_crash(tmp_path, options):
-    project = _project(tmp_path, installed=False, options=options)
+def test_without_the_app_check_runs_no_djmemcache_check_and_does_not_crash(project, options):
+    project = project(installed=False, options=options)
     result = _manage(project, "check")
     print(result.stdout, result.stderr)  # the closing note quotes this output
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "djmemcache" not in result.stdout + result.stderr
-    first_call = _manage(project, "shell", "-c", FIRST_CALL)
     if options:
+        first_call = _manage(project, "shell", "-c", FIRST_CALL)
         assert "ImproperlyConfigured: " + _parse_error("127.0.0.1:1", TYPO) in first_call.stderr
