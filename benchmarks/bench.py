@@ -78,33 +78,15 @@ def request_loop(alias, threads, requests_per_thread):
 
     Returns requests/s, and this process's CPU time (user + system, µs) and
     context switches per request: with 8 threads, GIL hand-offs show there."""
-    from django.core.cache import caches
-    from django.core.signals import request_finished, request_started
+    return threaded(alias, threads, requests_per_thread, small_request, requests=True)
 
-    def worker(offset):
-        for i in range(requests_per_thread):
-            request_started.send(sender=None)
-            cache = caches[alias]
-            n = (i + offset) % 100
-            cache.get("user:%d" % n)
-            cache.get("page:%d" % (n % 20))
-            cache.get("missing:%d" % n)
-            cache.set("user:%d" % n, {"id": n, "name": "user %d" % n})
-            request_finished.send(sender=None)
 
-    workers = [threading.Thread(target=worker, args=(t * 7,)) for t in range(threads)]
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    started = time.perf_counter()
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    elapsed = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    requests = threads * requests_per_thread
-    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / requests * 1e6
-    switches = (after.ru_nvcsw + after.ru_nivcsw - before.ru_nvcsw - before.ru_nivcsw) / requests
-    return requests / elapsed, cpu, switches
+def small_request(cache, thread, i):
+    n = (i + thread * 7) % 100
+    cache.get("user:%d" % n)
+    cache.get("page:%d" % (n % 20))
+    cache.get("missing:%d" % n)
+    cache.set("user:%d" % n, {"id": n, "name": "user %d" % n})
 
 
 def threaded(alias, threads, calls_per_thread, call, prepare=None, requests=False):
