@@ -496,6 +496,19 @@ class Client:
             except DjmemcacheError as exc:
                 self._failed(exc, "flush_all", None)
 
+    # -- for djmemcache.stampede: failures raised, not turned into misses -----
+
+    def index_for(self, key):
+        """Index of the server that holds ``key`` (``NoServerAvailable`` when none is live)."""
+        return self._index_for(key)
+
+    def call(self, index, command, method, *args, retry=False):
+        """Run ``method(connection, *args)`` on server ``index`` like every
+        command (pool, blacklist, one retry when ``retry``), but raise a
+        server failure as ``DjmemcacheError`` instead of making it a miss:
+        get_or_set must tell "the lock is taken" from "the server failed"."""
+        return self._call(index, command, method, *args, retry=retry)
+
     # -- introspection and shutdown -----------------------------------------
 
     def status(self):
