@@ -22,6 +22,7 @@ from django.core.cache.backends.base import (
 from django.core.cache.backends.memcached import BaseMemcachedCache
 from django.core.exceptions import ImproperlyConfigured
 
+from djmemcache import stampede
 from djmemcache.client import EXPTIME_MAX, MISS, Client, client_for
 from djmemcache.options import MAX_KEY_LENGTH, parse_options
 
@@ -174,6 +175,20 @@ class PyMemcacheCache(BaseMemcachedCache):
         value = self.client.get(key)
         return default if value is MISS else value
 
+    def get_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None):
+        """Django's ``get_or_set``, but a missing value is computed by one
+        caller in every process and thread while the others wait for it
+        (STAMPEDE_PROTECTION), and EARLY_REFRESH recomputes a hot value
+        before it expires: see ``djmemcache.stampede``. A default that is
+        not callable, or a timeout that stores nothing, has nothing to protect."""
+        if not self.config.stampede_protection or not callable(default):
+            return super().get_or_set(key, default, timeout=timeout, version=version)
+        expire = self.get_backend_timeout(timeout)
+        if expire < 0:
+            return super().get_or_set(key, default, timeout=timeout, version=version)
+        key = self.make_and_validate_key(key, version=version)
+        return stampede.guard_for(self.client).get_or_set(key, default, expire)
+
     def get_many(self, keys, version=None):
         key_map = {self.make_and_validate_key(key, version=version): key for key in keys}
         found = self.client.get_many(list(key_map))
@@ -238,6 +253,7 @@ class PyMemcacheCache(BaseMemcachedCache):
 
     aget = _async("get")
     aget_many = _async("get_many")
+    aget_or_set = _async("get_or_set")
     aset = _async("set")
     aadd = _async("add")
     aset_many = _async("set_many")
