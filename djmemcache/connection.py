@@ -402,8 +402,10 @@ class Connection:
             return None
         eol = buf.find(b"\r\n")
         header = buf[:eol].split(b" ")
+        # Lengths are checked before int(): int() of thousands of digits raises
+        # ValueError, which is no protocol error and would reach the caller.
         if len(header) == 4 and header[0] == b"VALUE" and header[1] == wire and (
-            header[2].isdigit() and header[3].isdigit()
+            header[2].isdigit() and header[3].isdigit() and len(header[2]) <= 20 and len(header[3]) <= 20
         ):
             end = eol + 2 + int(header[3])
             if len(buf) == end + 7 and buf.endswith(b"\r\nEND\r\n") and end - eol - 2 <= self.max_value_size:
