@@ -352,3 +352,26 @@ def test_the_fake_server_speaks_enough_memcached_for_a_normal_call(make_cache, f
     assert line.startswith(b"set :1:k ") and line.endswith(b" 300 1") and data == b"v"
     status = cache.stats()[0]
     assert (status["in_use"], status["idle"], fake_memcached.accepted) == (0, 1, 1)
+
+
+def test_a_hostile_server_costs_only_its_own_keys_in_a_pipeline(make_cache, mc1, fake_memcached, ignore_exc):
+    # One real server and one that answers garbage: set_many and get_many
+    # still serve the real server's keys, and its connection goes back to the pool.
+    cache = make_cache("%s;%s" % (mc1.location, fake_memcached.location),
+                       {"TIMEOUT": TIMEOUT, "IGNORE_EXC": ignore_exc})
+    keys = ["key-%d" % i for i in range(40)]
+    fake_memcached.reply(*[b"HTTP/1.1 400 Bad Request\r\n"] * 100)
+    if ignore_exc:
+        failed = cache.set_many({key: key for key in keys})
+        assert 0 < len(failed) < len(keys)
+        assert cache.get_many(keys) == {key: key for key in keys if key not in failed}
+    else:
+        with pytest.raises(ServerError):
+            cache.set_many({key: key for key in keys})
+        with pytest.raises(ServerError):
+            cache.get_many(keys)
+    fake_memcached.forget()
+    assert fake_memcached.wait_all_closed()
+    real, hostile = cache.stats()
+    assert (real["in_use"], real["idle"], real["opened"]) == (0, 1, 1)
+    assert (hostile["in_use"], hostile["idle"], hostile["state"]) == (0, 0, "up")
