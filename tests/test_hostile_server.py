@@ -77,6 +77,7 @@ COMMANDS = {
     "get_many": (lambda c: c.get_many(["k", "k2"]), {}, 1),
     "has_key": (lambda c: c.has_key("k"), False, 1),
     "get_or_set": (lambda c: c.get_or_set("k", "fallback"), "fallback", 3),
+    "get_or_set_callable": (lambda c: c.get_or_set("k", lambda: "made"), "made", 5),
     "set": (lambda c: c.set("k", "v"), None, 2),
     "add": (lambda c: c.add("k", "v"), False, 1),
     "set_many": (lambda c: c.set_many({"k": 1, "k2": 2}), ["k", "k2"], 2),
