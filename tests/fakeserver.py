@@ -53,6 +53,7 @@ class FakeMemcached:
         self.location = "127.0.0.1:%d" % self._listener.getsockname()[1]
         self.received = []  # (command line, data block or None), in arrival order
         self.accepted = 0  # connections accepted so far
+        self.replied = 0  # replies sent in full
         self._open = 0  # connections neither side has closed yet
         self._script = collections.deque()
         self._lock = threading.Lock()
@@ -75,6 +76,13 @@ class FakeMemcached:
         """The command words received so far (b"get", b"set"...)."""
         with self._lock:
             return [line.split(b" ", 1)[0] for line, _ in self.received]
+
+    def wait_replied(self, count, timeout=10.0):
+        """True once ``count`` replies have been sent in full."""
+        deadline = time.monotonic() + timeout
+        while self.replied < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.replied >= count
 
     def wait_all_closed(self, timeout=2.0):
         """True once every connection is closed (by the client or by a CLOSE)."""
@@ -133,6 +141,8 @@ class FakeMemcached:
                         return
                     if not _send(conn, part, self._stop):
                         return
+                with self._lock:
+                    self.replied += 1
         finally:
             conn.close()
             with self._lock:

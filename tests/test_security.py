@@ -252,6 +252,28 @@ def test_out_of_range_timeout_never_lets_a_value_run_as_a_command(make_cache, mc
         assert ttl is None and cache.get("attacker") is None
 
 
+def test_the_injection_is_real_when_the_expiry_reaches_memcached_unclamped(make_cache, mc1):
+    # What the tests above guard against, done by hand: memcached refuses the
+    # command line and runs the value as the next command.
+    cache = make_cache(mc1.location)
+    cache.set("victim", "alive", None)
+    payload = PAYLOAD.encode()
+    raw_command(mc1.location, b"set :1:attacker 16 %d %d\r\n%s\r\n" % (10**19, len(payload), payload),
+                until=b"OK\r\n")
+    assert cache.get("victim") is None
+
+
+@pytest.mark.parametrize("expire", [2**31, -(2**31) - 1, 10**19, 1.5, None, True])
+def test_client_refuses_an_expiry_outside_32_bits_before_any_connection(make_cache, mc1, expire):
+    cache = make_cache(mc1.location)
+    client = cache.client
+    for call in (lambda: client.set("k", "v", expire), lambda: client.add("k", "v", expire),
+                 lambda: client.set_many({"k": "v"}, expire), lambda: client.touch("k", expire)):
+        with pytest.raises(ValueError, match="expiry"):
+            call()
+    assert client.status()[0]["opened"] == 0
+
+
 @pytest.mark.parametrize("timeout", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("command", STORE_CALLS)
 def test_infinite_or_nan_timeout_raises_before_any_connection_is_used(make_cache, mc1, command, timeout):
