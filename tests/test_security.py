@@ -366,3 +366,39 @@ def test_keys_made_invalid_by_key_function_never_reach_a_connection(make_cache, 
             call()
     assert _wire_counts(mc1) == {**before, "total_connections": before["total_connections"] + 1}
     assert cache.stats()[0]["opened"] == 0
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+@pytest.mark.parametrize("compressor", ["zlib", "zstd"])
+def test_a_compression_bomb_is_a_miss_without_inflating(make_cache, mc1, caplog, serializer, compressor):
+    """128 MB of zeros fit in 4 KB (zstd) or 128 KB (zlib). Whoever can write
+    to memcached must not choose how much memory a get takes: an item that
+    inflates past 32 x MAX_VALUE_SIZE (here 8 MB) is a miss, refused as it inflates."""
+    import tracemalloc
+    import zlib
+
+    from djmemcache.serializer import FLAG_COMPRESSED, FLAG_ZSTD
+
+    zstandard = pytest.importorskip("zstandard")
+    cache = make_cache(mc1.location, {"SERIALIZER": serializer, "COMPRESS_MIN_LENGTH": 100,
+                                      "COMPRESSOR": compressor, "MAX_VALUE_SIZE": 256 * 1024})
+    zeros = b"\0" * (128 << 20)
+    if compressor == "zlib":
+        bomb, flags = zlib.compress(zeros), FLAG_COMPRESSED
+    else:
+        bomb, flags = zstandard.ZstdCompressor().compress(zeros), FLAG_ZSTD
+    del zeros
+    _raw_set(mc1.location, ":1:bomb", flags, bomb)
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="djmemcache"):
+            assert cache.get("bomb", "miss") == "miss"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20  # zlib: the 8 MB it may inflate, and its buffer's growth
+    assert any("inflates past" in r.getMessage() for r in caplog.records)
+    # Within the bound, compressed values still round-trip; beyond it they are not compressed.
+    cache.set("fits", b"y" * (8 << 20))
+    assert cache.get("fits") == b"y" * (8 << 20)
+    assert cache.set_many({"too-big": b"z" * ((8 << 20) + 1)}) == ["too-big"]
