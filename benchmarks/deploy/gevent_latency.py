@@ -8,6 +8,13 @@ and drives it with wrk (32 connections, keys spread over 1000 items). The
 backends' rounds are interleaved; the median of each figure is printed. On
 a shared machine the p99s are noisy: compare backends within one run.
 Timing is only reported, never asserted.
+
+To compare with an older djmemcache, install that commit in a venv of its
+own and pass ``--venv``::
+
+    git archive <commit> | tar -x -C /tmp/old-src
+    python3 -m venv /tmp/old && /tmp/old/bin/pip install gevent gunicorn packaging /tmp/old-src
+    .venv/bin/python benchmarks/deploy/gevent_latency.py --venv /tmp/old
 """
 
 import argparse
@@ -147,24 +154,8 @@ def _run(args, names, backends, location, extra):
         script = os.path.join(tmp, "spread.lua")
         with open(script, "w") as f:
             f.write(WRK_SCRIPT)
-        log = open(os.path.join(tmp, "gunicorn.log"), "w+")
-        for round_ in range(args.rounds):
-            for name in names:
-                backend, options = backends[name]
-                proc, port = gunicorn(backend, location, options, args.workers, log,
-                                      os.path.join(args.venv, "bin"), extra)
-                try:
-                    wrk(port, 2, args.connections, script)  # warm up: connections, imports
-                    result = wrk(port, args.seconds, args.connections, script)
-                finally:
-                    proc.terminate()
-                    proc.wait()
-                figures[name].append(result)
-                print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
-                      % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"],
-                         1000 * result["max"], result["rps"], result["errors"]), flush=True)
-        log.seek(0)
-        tail = log.read()[-3000:]
+        with open(os.path.join(tmp, "gunicorn.log"), "w+") as log:
+            tail = _rounds(args, names, backends, location, extra, script, log, figures)
     print("\nmedian of %d rounds, gunicorn -k gevent -w %d%s, %d memcached, wrk -c %d -d %ds:"
           % (args.rounds, args.workers, " --preload" if extra else "", args.servers,
              args.connections, args.seconds))
@@ -179,6 +170,27 @@ def _run(args, names, backends, location, extra):
     if "Traceback" in tail or "ERROR" in tail:
         print("\ngunicorn log (tail):\n" + tail)
     return summary
+
+
+def _rounds(args, names, backends, location, extra, script, log, figures):
+    """Run the rounds, backends interleaved; return the tail of gunicorn's log."""
+    for round_ in range(args.rounds):
+        for name in names:
+            backend, options = backends[name]
+            proc, port = gunicorn(backend, location, options, args.workers, log,
+                                  os.path.join(args.venv, "bin"), extra)
+            try:
+                wrk(port, 2, args.connections, script)  # warm up: connections, imports
+                result = wrk(port, args.seconds, args.connections, script)
+            finally:
+                proc.terminate()
+                proc.wait()
+            figures[name].append(result)
+            print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
+                  % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"],
+                     1000 * result["max"], result["rps"], result["errors"]), flush=True)
+    log.seek(0)
+    return log.read()[-3000:]
 
 
 if __name__ == "__main__":
