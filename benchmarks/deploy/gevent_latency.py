@@ -126,6 +126,7 @@ def main():
                         help="djmemcache OPTIONS as JSON (default %s)" % json.dumps(BACKENDS["djmemcache"][1]))
     parser.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
     parser.add_argument("--preload", action="store_true", help="gunicorn --preload")
+    parser.add_argument("--log", help="write gunicorn's whole log (djmemcache's warnings) here")
     parser.add_argument("--only", choices=sorted(BACKENDS), action="append")
     parser.add_argument("--venv", default=os.path.dirname(os.path.dirname(sys.executable)),
                         help="virtualenv whose gunicorn and djmemcache to run (default: this "
@@ -155,7 +156,8 @@ def _run(args, names, backends, location, extra):
         with open(script, "w") as f:
             f.write(WRK_SCRIPT)
         with open(os.path.join(tmp, "gunicorn.log"), "w+") as log:
-            tail = _rounds(args, names, backends, location, extra, script, log, figures)
+            full_log = _rounds(args, names, backends, location, extra, script, log, figures)
+    tail = full_log[-3000:]
     print("\nmedian of %d rounds, gunicorn -k gevent -w %d%s, %d memcached, wrk -c %d -d %ds:"
           % (args.rounds, args.workers, " --preload" if extra else "", args.servers,
              args.connections, args.seconds))
@@ -167,13 +169,16 @@ def _run(args, names, backends, location, extra):
         s = summary[name]
         print("  %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
               % (name, 1000 * s["p50"], 1000 * s["p99"], 1000 * s["max"], s["rps"], s["errors"]))
-    if "Traceback" in tail or "ERROR" in tail:
+    if any(word in tail for word in ("Traceback", "ERROR", "blacklisted", "ignored")):
         print("\ngunicorn log (tail):\n" + tail)
+    if args.log:
+        with open(args.log, "w") as f:
+            f.write(full_log)
     return summary
 
 
 def _rounds(args, names, backends, location, extra, script, log, figures):
-    """Run the rounds, backends interleaved; return the tail of gunicorn's log."""
+    """Run the rounds, backends interleaved; return gunicorn's log."""
     for round_ in range(args.rounds):
         for name in names:
             backend, options = backends[name]
@@ -190,7 +195,7 @@ def _rounds(args, names, backends, location, extra, script, log, figures):
                   % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"],
                      1000 * result["max"], result["rps"], result["errors"]), flush=True)
     log.seek(0)
-    return log.read()[-3000:]
+    return log.read()
 
 
 if __name__ == "__main__":
