@@ -111,19 +111,39 @@ def _stdlib_poll():
     return select.poll
 
 
+def _ready(sock, events):
+    """True when ``sock`` is ready for ``events`` right now (never waits)."""
+    poller = _stdlib_poll()()
+    poller.register(sock, events)
+    return bool(poller.poll(0))
+
+
 def _wait(sock, events, deadline, green):
-    """Wait until ``sock`` is ready for ``events`` or raise ``IOTimeout`` at ``deadline``."""
+    """Wait until ``sock`` is ready for ``events`` or raise ``IOTimeout`` at ``deadline``.
+
+    Past the deadline it still looks once, without waiting, before raising:
+    a reply or a connect that is already there was late only because this
+    process was (a busy gevent hub, a starved CPU, a slow resolver), and a
+    timeout blacklists the server. A server that is really slow is not
+    there when we look, so the deadline still bounds the call.
+    """
     if deadline is None:
         remaining = None
     else:
         remaining = deadline - _monotonic()
         if remaining <= 0:
+            if _ready(sock, events):
+                return
             raise IOTimeout("timed out")
     if green:
         from gevent.socket import wait_read, wait_write
 
         wait = wait_read if events == select.POLLIN else wait_write
-        wait(sock.fileno(), timeout=remaining, timeout_exc=IOTimeout("timed out"))
+        try:
+            wait(sock.fileno(), timeout=remaining, timeout_exc=IOTimeout("timed out"))
+        except IOTimeout:
+            if not _ready(sock, events):  # the hub may run the timer before the I/O event
+                raise
         return
     poller = select.poll()
     poller.register(sock, events)
