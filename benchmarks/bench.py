@@ -1,6 +1,7 @@
 """djmemcache against Django's built-in memcached backends, in one run.
 
-    python benchmarks/bench.py [--quick] [--rounds N]      (or: make bench)
+    python benchmarks/bench.py [--quick] [--rounds N] [--only W,W] [--backends B,B]
+    (or: make bench ARGS="--only threads --backends djmemcache,pylibmc")
 
 Starts its own memcached servers on free loopback ports, then runs the same
 workloads through Django's public cache API for each backend, rounds
@@ -8,6 +9,16 @@ interleaved (A B C D A B C D ...), and prints the medians with the ratio of
 djmemcache to each other backend (> 1 means djmemcache is better, whether the
 metric is a rate or a time). The last line, ``BENCH_JSON {...}``, is for
 machines. Timing is never asserted anywhere: this script only reports.
+
+Workloads (``--only`` takes any of these names, comma-separated, or a prefix
+such as ``threads``): ``request-loop`` (8 threads, 3 gets + 1 set per
+request), ``threads-request`` (issue 11: 8 threads, get, set, get_many of 10,
+a missing get per request; 1 and 3 servers), ``threads-many`` (4 threads each
+calling get_many of 50 keys: ~250-byte pickled values over 3 servers, short
+str values over 3 servers, pickled values on 1 server), ``hot``, ``many``
+(one thread, *_many of 50 keys), ``async``, ``choice``. Threaded workloads
+also report process CPU time (user + system, from getrusage) and context
+switches (voluntary + involuntary) per call.
 """
 
 import argparse
@@ -67,33 +78,85 @@ def request_loop(alias, threads, requests_per_thread):
 
     Returns requests/s, and this process's CPU time (user + system, µs) and
     context switches per request: with 8 threads, GIL hand-offs show there."""
+    return threaded(alias, threads, requests_per_thread, small_request, requests=True)
+
+
+def small_request(cache, thread, i):
+    n = (i + thread * 7) % 100
+    cache.get("user:%d" % n)
+    cache.get("page:%d" % (n % 20))
+    cache.get("missing:%d" % n)
+    cache.set("user:%d" % n, {"id": n, "name": "user %d" % n})
+
+
+def threaded(alias, threads, calls_per_thread, call, prepare=None, requests=False):
+    """``call(cache, thread, i)`` from ``threads`` threads at once.
+
+    Each thread takes its own backend instance, as Django's handler does;
+    with ``requests`` every call is wrapped in request_started/finished (so
+    Django calls ``close()`` on the caches). Returns calls/s, CPU time of
+    the process (user + system, us) and context switches (voluntary +
+    involuntary) per call: with threads, GIL hand-offs show there."""
     from django.core.cache import caches
     from django.core.signals import request_finished, request_started
 
-    def worker(offset):
-        for i in range(requests_per_thread):
-            request_started.send(sender=None)
-            cache = caches[alias]
-            n = (i + offset) % 100
-            cache.get("user:%d" % n)
-            cache.get("page:%d" % (n % 20))
-            cache.get("missing:%d" % n)
-            cache.set("user:%d" % n, {"id": n, "name": "user %d" % n})
-            request_finished.send(sender=None)
+    if prepare is not None:
+        prepare(caches[alias])
+    barrier = threading.Barrier(threads + 1)
 
-    workers = [threading.Thread(target=worker, args=(t * 7,)) for t in range(threads)]
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    started = time.perf_counter()
+    def worker(offset):
+        barrier.wait()
+        for i in range(calls_per_thread):
+            if requests:
+                request_started.send(sender=None)
+            call(caches[alias], offset, i)
+            if requests:
+                request_finished.send(sender=None)
+
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for w in workers:
         w.start()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    barrier.wait()
     for w in workers:
         w.join()
     elapsed = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
-    requests = threads * requests_per_thread
-    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / requests * 1e6
-    switches = (after.ru_nvcsw + after.ru_nivcsw - before.ru_nvcsw - before.ru_nivcsw) / requests
-    return requests / elapsed, cpu, switches
+    calls = threads * calls_per_thread
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / calls * 1e6
+    switches = (after.ru_nvcsw + after.ru_nivcsw - before.ru_nvcsw - before.ru_nivcsw) / calls
+    return calls / elapsed, cpu, switches
+
+
+def issue_request(cache, thread, i):
+    """One request of issue 11's site: get, set, get_many of 10 keys, a missing get."""
+    n = (i * 8 + thread * 13) % 200
+    cache.get("user:%d" % n)
+    cache.set("user:%d" % n, {"id": n, "name": "user %d" % n})
+    cache.get_many(["item:%d" % ((n + j) % 100) for j in range(10)])
+    cache.get("missing:%d:%d" % (thread, i))
+
+
+def fill_items(cache):
+    cache.set_many({"item:%d" % j: {"id": j, "title": "item %d" % j} for j in range(100)})
+
+
+# get_many(50) payloads: pickled dicts of about 250 bytes, or short strs.
+MANY_KEYS = ["obj:%d" % j for j in range(50)]
+
+
+def fill_pickled(cache):
+    cache.set_many({k: {"id": j, "name": "object %d" % j, "body": "x" * 180, "tags": ["a", "b"]}
+                    for j, k in enumerate(MANY_KEYS)})
+
+
+def fill_str(cache):
+    cache.set_many({k: "value %d" % j for j, k in enumerate(MANY_KEYS)})
+
+
+def get_many_50(cache, thread, i):
+    cache.get_many(MANY_KEYS)
 
 
 def hot_loop(alias, n):
@@ -208,9 +271,11 @@ def configure(servers, backends):
     caches = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     for name in backends:
         path, options = BACKENDS[name]
-        caches[name + "@1"] = {"BACKEND": path, "LOCATION": servers[0].location, "OPTIONS": dict(options)}
-        caches[name + "@3"] = {"BACKEND": path, "LOCATION": [s.location for s in servers],
+        # Each backend its own keys: pylibmc's flags are not pymemcache's.
+        caches[name + "@1"] = {"BACKEND": path, "LOCATION": servers[0].location, "KEY_PREFIX": name,
                                "OPTIONS": dict(options)}
+        caches[name + "@3"] = {"BACKEND": path, "LOCATION": [s.location for s in servers],
+                               "KEY_PREFIX": name, "OPTIONS": dict(options)}
     settings.configure(SECRET_KEY="bench", CACHES=caches, USE_TZ=True, DATABASES={})
     django.setup()
 
@@ -222,18 +287,87 @@ def connections_opened(servers, run):
     return result, after - before - len(servers)  # minus the stats calls' own
 
 
+WORKLOADS = ("request-loop", "threads-request", "threads-many", "hot", "many", "async", "choice")
+
+
+def selected(only):
+    if not only:
+        return set(WORKLOADS)
+    chosen = set()
+    for word in only.split(","):
+        matches = [w for w in WORKLOADS if w == word or w.startswith(word)]
+        if not matches:
+            sys.exit("--only: unknown workload %r (choose from %s)" % (word, ", ".join(WORKLOADS)))
+        chosen.update(matches)
+    return chosen
+
+
+def run_round(name, workloads, servers, scale, record):
+    """One round of every chosen workload for backend ``name``."""
+    per_thread = int(300 * scale)
+    if "request-loop" in workloads:
+        for count in (1, 3):
+            (rate, cpu, switches), opened = connections_opened(
+                servers, lambda count=count: request_loop("%s@%d" % (name, count), 8, per_thread))
+            record("request loop, 8 threads, %d server%s (req/s)" % (count, "s" * (count > 1)), name, rate)
+            if count == 1:
+                record("  CPU per request, 1 server (us, user+sys)", name, cpu)
+                record("  context switches per request, 1 server", name, switches)
+            if count == 3:
+                record("connections opened per 1,000 requests (3 servers)", name,
+                       opened * 1000.0 / (8 * per_thread))
+    if "threads-request" in workloads:
+        for count in (1, 3):
+            label = "%d server%s" % (count, "s" * (count > 1))
+            rate, cpu, switches = threaded("%s@%d" % (name, count), 8, int(200 * scale), issue_request,
+                                           fill_items, requests=True)
+            record("8 threads, get+set+get_many(10)+miss, %s (req/s)" % label, name, rate)
+            record("  CPU per request, %s (us)" % label, name, cpu)
+            record("  context switches per request, %s" % label, name, switches)
+    if "threads-many" in workloads:
+        for label, alias, fill in (("pickled ~250 B, 3 servers", "@3", fill_pickled),
+                                   ("short str, 3 servers", "@3", fill_str),
+                                   ("pickled ~250 B, 1 server", "@1", fill_pickled)):
+            rate, cpu, switches = threaded(name + alias, 4, int(250 * scale), get_many_50, fill)
+            record("4 threads, get_many(50) %s (calls/s)" % label, name, rate)
+            record("  CPU per call, %s (us)" % label, name, cpu)
+            record("  context switches per call, %s" % label, name, switches)
+    if "hot" in workloads:
+        get_us, set_us = hot_loop(name + "@1", int(4000 * scale))
+        record("hot loop: cache.get (us)", name, get_us)
+        record("hot loop: cache.set (us)", name, set_us)
+        if name == "djmemcache":  # the bare round trip, measured right next to ours
+            record("hot loop: cache.get (us)", "raw socket", raw_get_us(servers[0], int(4000 * scale)))
+    if "many" in workloads:
+        for op, us in many_ops(name + "@3", int(200 * scale)).items():
+            record("%s of 50 keys, 3 servers (us)" % op, name, us)
+    if "async" in workloads:
+        rate, peak = async_load(name + "@1", int(2000 * scale), 50)
+        record("async: 50 tasks x 4 awaits (req/s)", name, rate)
+        if name == "djmemcache":
+            record("async: pooled connections busy at once (peak)", name, peak)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about a minute)")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--only", default="", help="workloads, comma-separated: " + ", ".join(WORKLOADS))
+    parser.add_argument("--backends", default="", help="comma-separated: " + ", ".join(BACKENDS))
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
     scale = 0.4 if args.quick else 1.0
-    per_thread = int(300 * scale)
+    workloads = selected(args.only)
 
     if not shutil.which("memcached"):
         sys.exit("memcached is not installed: `apt-get install memcached` (or `make bench`)")
-    backends = [b for b in BACKENDS if b != "pylibmc" or ensure_pylibmc()]
+    wanted = args.backends.split(",") if args.backends else list(BACKENDS)
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        sys.exit("--backends: unknown %s (choose from %s)" % (", ".join(unknown), ", ".join(BACKENDS)))
+    if "djmemcache" not in wanted:
+        wanted.insert(0, "djmemcache")
+    backends = [b for b in BACKENDS if b in wanted and (b != "pylibmc" or ensure_pylibmc())]
     servers = [start_memcached() for _ in range(3)]
     try:
         configure(servers, backends)
@@ -245,40 +379,20 @@ def main(argv=None):
         for n in range(rounds):
             print("round %d/%d" % (n + 1, rounds), flush=True)
             for name in backends:
-                for count in (1, 3):
-                    (rate, cpu, switches), opened = connections_opened(
-                        servers, lambda name=name, count=count: request_loop(
-                            "%s@%d" % (name, count), 8, per_thread))
-                    record("request loop, 8 threads, %d server%s (req/s)" % (count, "s" * (count > 1)),
-                           name, rate)
-                    if count == 1:
-                        record("  CPU per request, 1 server (us, user+sys)", name, cpu)
-                        record("  context switches per request, 1 server", name, switches)
-                    if count == 3:
-                        record("connections opened per 1,000 requests (3 servers)", name,
-                               opened * 1000.0 / (8 * per_thread))
-                get_us, set_us = hot_loop(name + "@1", int(4000 * scale))
-                record("hot loop: cache.get (us)", name, get_us)
-                record("hot loop: cache.set (us)", name, set_us)
-                for op, us in many_ops(name + "@3", int(200 * scale)).items():
-                    record("%s of 50 keys, 3 servers (us)" % op, name, us)
-                if name == "djmemcache":  # the bare round trip, measured right next to ours
-                    record("hot loop: cache.get (us)", "raw socket", raw_get_us(servers[0], int(4000 * scale)))
-                rate, peak = async_load(name + "@1", int(2000 * scale), 50)
-                record("async: 50 tasks x 4 awaits (req/s)", name, rate)
-                if name == "djmemcache":
-                    record("async: pooled connections busy at once (peak)", name, peak)
-        ours_us, theirs_us = placement_us([s.location for s in servers], 100_000)
+                run_round(name, workloads, servers, scale, record)
+        if "choice" in workloads:
+            choice = placement_us([s.location for s in servers], 100_000)
     finally:
         for server in servers:
             server.stop()
 
     medians = {m: {b: statistics.median(v) for b, v in by.items()} for m, by in samples.items()}
-    medians["server choice per key, 3 servers (us)"] = {"djmemcache": ours_us, "pymemcache": theirs_us}
+    if "choice" in workloads:
+        medians["server choice per key, 3 servers (us)"] = {"djmemcache": choice[0], "pymemcache": choice[1]}
     report(medians, backends, rounds)
 
 
-LOWER_IS_BETTER = ("(us", "connections opened", "context switches")
+LOWER_IS_BETTER = ("(us", "connections opened", "context switches", "CPU per")
 
 
 def ratio(metric, ours, theirs):
@@ -317,14 +431,15 @@ def report(medians, backends, rounds):
         print(row)
     print("-" * len(header))
     print("ours/x > 1 means djmemcache is better (more per second, fewer microseconds or connections).")
-    raw = medians["hot loop: cache.get (us)"].get("raw socket")
+    raw = medians.get("hot loop: cache.get (us)", {}).get("raw socket")
     if raw:
         print("a bare socket doing the same get: %.1f us (djmemcache's cache.get: %.2fx of it; a mostly"
               % (raw, medians["hot loop: cache.get (us)"]["djmemcache"] / raw))
         print("  idle loop can measure slower than a busier one on a VM: docs/performance.rst)")
-    choice = medians["server choice per key, 3 servers (us)"]
-    print("choosing the server of a key among 3: %.2f us (pymemcache's RendezvousHash: %.1f us, "
-          "same placement)" % (choice["djmemcache"], choice["pymemcache"]))
+    choice = medians.get("server choice per key, 3 servers (us)")
+    if choice:
+        print("choosing the server of a key among 3: %.2f us (pymemcache's RendezvousHash: %.1f us, "
+              "same placement)" % (choice["djmemcache"], choice["pymemcache"]))
     print("BENCH_JSON " + json.dumps({"medians": medians, "ratios": ratios, "rounds": rounds},
                                      separators=(",", ":"), sort_keys=True))
 

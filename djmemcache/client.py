@@ -246,7 +246,7 @@ class Client:
         """
         anywhere = self._random
         timeout = self.options.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None
         results = []
         held = []  # [index, conn, batch, token] whose reply is still to be read
         try:
@@ -260,6 +260,11 @@ class Client:
                     continue
                 entry = [index, conn, batch, None]
                 held.append(entry)
+                if timeout is not None:
+                    # TIMEOUT runs from when a connection is in hand: a wait for a
+                    # pool slot (POOL_TIMEOUT bounds that) must not use it up and
+                    # get a healthy server blacklisted for a timeout it never had.
+                    deadline = max(deadline or 0.0, time.monotonic() + timeout)
                 try:
                     entry[3] = send(conn, batch, deadline)
                 except BaseException as exc:

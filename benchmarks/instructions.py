@@ -1,0 +1,120 @@
+"""Instructions per call, counted by callgrind: repeatable where timings are not.
+
+    python benchmarks/instructions.py [--calls N] [--only W,W] [--backends B,B]
+
+Starts memcached servers (outside valgrind), then runs this script again
+under ``valgrind --tool=callgrind`` twice per workload and backend: once
+making 0 calls, once making N. The difference of the two totals divided by N
+is the user-space instructions of one call; imports, start-up and the
+first connections cancel out. The kernel's share (syscalls) is not counted.
+Keep the per-function split with ``--keep DIR`` (then ``callgrind_annotate``).
+"""
+
+import argparse
+import gc
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+BACKENDS = {
+    "djmemcache": "djmemcache.backend.PyMemcacheCache",
+    "pylibmc": "django.core.cache.backends.memcached.PyLibMCCache",
+    "django": "django.core.cache.backends.memcached.PyMemcacheCache",
+}
+
+KEYS = ["obj:%d" % j for j in range(50)]
+
+
+def pickled(j):
+    return {"id": j, "name": "object %d" % j, "body": "x" * 180, "tags": ["a", "b"]}
+
+
+# name: (servers, fill, call) - call(cache) is one counted call.
+WORKLOADS = {
+    "get_many50-3": (3, pickled, lambda cache: cache.get_many(KEYS)),
+    "get_many50-str-3": (3, lambda j: "value %d" % j, lambda cache: cache.get_many(KEYS)),
+    "get_many50-1": (1, pickled, lambda cache: cache.get_many(KEYS)),
+    "set_many50-3": (3, pickled, lambda cache: cache.set_many({k: pickled(1) for k in KEYS})),
+    "get-1": (1, lambda j: "small value", lambda cache: cache.get("obj:1")),
+}
+
+
+def inner(backend, workload, locations, calls):
+    """Runs under valgrind: set up, warm up, then exactly ``calls`` calls."""
+    import django
+    from django.conf import settings
+
+    count, fill, call = WORKLOADS[workload]
+    settings.configure(CACHES={"default": {"BACKEND": BACKENDS[backend], "LOCATION": locations[:count],
+                                           "KEY_PREFIX": backend}}, USE_TZ=True)
+    django.setup()
+    from django.core.cache import caches
+
+    cache = caches["default"]
+    cache.set_many({k: fill(j) for j, k in enumerate(KEYS)})
+    for _ in range(3):  # connections opened, caches warm
+        call(cache)
+    # Everything so far out of the collector's sight: a full collection
+    # walks every object of Django's, and whether one falls among N calls
+    # would decide the count. Collections of the calls' own objects remain.
+    gc.collect()
+    gc.freeze()
+    for _ in range(calls):
+        call(cache)
+
+
+def count_instructions(backend, workload, locations, calls, keep):
+    out = os.path.join(keep, "callgrind.%s.%s.%d" % (backend, workload, calls))
+    subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out,
+                    sys.executable, os.path.abspath(__file__), "--inner", backend, workload,
+                    ",".join(locations), str(calls)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out) as f:
+        for line in f:
+            match = re.match(r"(summary|totals): (\d+)", line)
+            if match:
+                return int(match.group(2))
+    raise RuntimeError("no totals in %s" % out)
+
+
+def main(argv=None):
+    if argv is None and sys.argv[1:2] == ["--inner"]:
+        backend, workload, locations, calls = sys.argv[2:6]
+        return inner(backend, workload, locations.split(","), int(calls))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--only", default="get_many50-3", help="comma-separated: " + ", ".join(WORKLOADS))
+    parser.add_argument("--backends", default="djmemcache,pylibmc", help=", ".join(BACKENDS))
+    parser.add_argument("--keep", default=None, help="directory to keep the callgrind files in")
+    args = parser.parse_args(argv)
+    if not shutil.which("valgrind"):
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    from memcached import MemcachedProcess
+
+    servers = [MemcachedProcess().start() for _ in range(3)]
+    keep = args.keep or tempfile.mkdtemp(prefix="djmemcache-callgrind-")
+    os.makedirs(keep, exist_ok=True)
+    try:
+        locations = [s.location for s in servers]
+        for workload in args.only.split(","):
+            for backend in args.backends.split(","):
+                base = count_instructions(backend, workload, locations, 0, keep)
+                total = count_instructions(backend, workload, locations, args.calls, keep)
+                print("%-18s %-11s %10.1f k instructions per call" % (
+                    workload, backend, (total - base) / args.calls / 1000.0), flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+        if args.keep is None:
+            shutil.rmtree(keep, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
