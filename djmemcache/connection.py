@@ -119,8 +119,11 @@ def _stdlib_poll():
     return select.poll
 
 
-def _wait(sock, events, deadline, green):
-    """Wait until ``sock`` is ready for ``events`` or raise ``IOTimeout`` at ``deadline``."""
+def _wait(sock, events, deadline, green, poller=None):
+    """Wait until ``sock`` is ready for ``events`` or raise ``IOTimeout`` at ``deadline``.
+
+    ``poller``: a ``select.poll`` with ``sock`` registered for ``events``
+    already (the connection's own, for input), saving one per wait."""
     if deadline is None:
         remaining = None
     else:
@@ -133,8 +136,9 @@ def _wait(sock, events, deadline, green):
         wait = wait_read if events == select.POLLIN else wait_write
         wait(sock.fileno(), timeout=remaining, timeout_exc=IOTimeout("timed out"))
         return
-    poller = select.poll()
-    poller.register(sock, events)
+    if poller is None:
+        poller = select.poll()
+        poller.register(sock, events)
     if not poller.poll(None if remaining is None else math.ceil(remaining * 1000)):
         raise IOTimeout("timed out")
 
@@ -351,7 +355,7 @@ class Connection:
                 if err not in _WOULD_BLOCK:
                     raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
                 if err != errno.EINTR:
-                    self._wait_readable(deadline)
+                    _wait(sock, select.POLLIN, deadline, self._green, self._poller)
         if self._tls:
             while True:
                 try:
@@ -367,20 +371,6 @@ class Connection:
         if not data:
             raise ConnectionClosed("connection closed by the server")
         return data
-
-    def _wait_readable(self, deadline):
-        """``_wait`` for input, on the connection's own poll object outside gevent."""
-        if self._green:
-            return _wait(self.sock, select.POLLIN, deadline, True)
-        if deadline is None:
-            timeout = None
-        else:
-            remaining = deadline - _monotonic()
-            if remaining <= 0:
-                raise IOTimeout("timed out")
-            timeout = math.ceil(remaining * 1000)
-        if not self._poller.poll(timeout):
-            raise IOTimeout("timed out")
 
     def _recv_first(self):
         """The first ``recv`` of a one-server command: in the kernel when it can."""
@@ -486,8 +476,13 @@ class Connection:
                 _raise_error_line(line)
             if len(parts) != 4:
                 raise ProtocolError("malformed VALUE line %r" % line[:64])
-            flags = _check_digits(parts[2], "flags")
-            length = _check_digits(parts[3], "value length")
+            # _check_digits inlined: this runs for every key of a multi-key reply.
+            field, size = parts[2], parts[3]
+            if not (field.isdigit() and size.isdigit() and len(field) <= 20 and len(size) <= 20):
+                _check_digits(field, "flags")
+                _check_digits(size, "value length")
+            flags = int(field)
+            length = int(size)
             if length > max_value:
                 raise ProtocolError("the server declares a %d-byte value (MAX_VALUE_SIZE is %d)"
                                     % (length, max_value))
@@ -513,7 +508,11 @@ class Connection:
             pos = end + 2
 
     def send_get_many(self, keys, deadline=None):
-        wires = {self._wire(key): key for key in keys}
+        prefix = self.key_prefix
+        if prefix:
+            wires = {prefix + key.encode("utf-8"): key for key in keys}
+        else:
+            wires = {key.encode("utf-8"): key for key in keys}
         self._send(b"get " + b" ".join(wires) + b"\r\n", deadline)
         return wires
 
