@@ -1,17 +1,17 @@
 # Two commands do all the set-up on a fresh Debian/Ubuntu machine:
 #   make demo    the demo (starts memcached, a Django site, traffic, a fault)
-#   make test    the whole test suite, on Django 5.2 and 4.2
+#   make test    the whole test suite on Django 5.2, a subset on the other
+#                Django x Python combinations (scripts/test-matrix)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
-VENV42 ?= .venv-dj42
 PIP_FLAGS ?= -q --disable-pip-version-check
 SYSTEM_DEPS := memcached:memcached nutcracker:nutcracker
 ARGS ?=
 
-.PHONY: test test-dj52 test-dj42 lint demo bench system-deps clean
+.PHONY: test test-dj52 test-matrix lint demo bench system-deps clean
 
-test: system-deps lint test-dj52 test-dj42
+test: system-deps lint test-matrix
 
 system-deps:
 	@scripts/ensure-system-deps $(SYSTEM_DEPS)
@@ -21,16 +21,13 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install $(PIP_FLAGS) "Django>=5.2,<6.0" -e ".[test]" ruff readme_renderer
 	@touch $@
 
-$(VENV42)/.installed: setup.py
-	@test -x $(VENV42)/bin/python || $(PYTHON) -m venv $(VENV42)
-	$(VENV42)/bin/pip install $(PIP_FLAGS) "Django>=4.2,<5.0" -e ".[test]"
-	@touch $@
-
 test-dj52: system-deps $(VENV)/.installed
 	$(VENV)/bin/python -m pytest
 
-test-dj42: system-deps $(VENV42)/.installed
-	$(VENV42)/bin/python -m pytest
+# The whole suite in $(VENV), the compat subset on every other Django/Python
+# combination in its own venv, each made once (.venv-djX.Y-pyA.B/.installed).
+test-matrix: system-deps $(VENV)/.installed
+	FULL_VENV=$(VENV) scripts/test-matrix
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check $(wildcard djmemcache tests benchmarks demo)
@@ -46,5 +43,5 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV42) build dist *.egg-info .pytest_cache .ruff_cache .tox
+	rm -rf $(VENV) .venv-dj* build dist *.egg-info .pytest_cache .ruff_cache .tox
 	find . -name __pycache__ -type d -not -path "./.git/*" -prune -exec rm -rf {} +

@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.core import checks
 
 
 class DjmemcacheConfig(AppConfig):
@@ -8,4 +9,6 @@ class DjmemcacheConfig(AppConfig):
     verbose_name = "djmemcache"
 
     def ready(self):
-        from djmemcache import checks  # noqa: F401 - registers the checks
+        from djmemcache.checks import check_cache_settings
+
+        checks.register(check_cache_settings, checks.Tags.caches)

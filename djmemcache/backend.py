@@ -20,8 +20,9 @@ from django.core.cache.backends.base import (
     memcache_key_warnings,
 )
 from django.core.cache.backends.memcached import BaseMemcachedCache
+from django.core.exceptions import ImproperlyConfigured
 
-from djmemcache import checks  # noqa: F401 - registers the system checks
+from djmemcache import stampede
 from djmemcache.client import EXPTIME_MAX, MISS, Client, client_for
 from djmemcache.options import MAX_KEY_LENGTH, parse_options
 
@@ -45,6 +46,25 @@ def _options_for(server, params):
         with _parsed_lock:
             _parsed[cache_key] = options
     return options
+
+
+class _Misconfigured:
+    """Stands in for the options of a backend built with bad settings.
+
+    Django's own cache checks build every cache (``caches[alias]``) before
+    djmemcache's run, so raising in ``__init__`` would turn ``manage.py
+    check`` into a traceback instead of the ``djmemcache.E001`` message.
+    As with Django's ``RedisCache``, whose client is built on first use, the
+    backend is built and the error waits: reading any option raises the
+    ``ImproperlyConfigured`` again, parsed afresh, before anything is sent.
+    """
+
+    def __init__(self, server, params):
+        self._settings = (server, params)
+
+    def __getattr__(self, name):
+        _options_for(*self._settings)
+        raise AssertionError("settings that failed to parse have parsed")  # pragma: no cover
 
 
 def _async(name):
@@ -71,13 +91,17 @@ class PyMemcacheCache(BaseMemcachedCache):
 
     def __init__(self, server, params):
         super().__init__(server, params, library=pymemcache, value_not_found_exception=KeyError)
-        self.config = _options_for(server, params)
-        self._max_key_bytes = MAX_KEY_LENGTH - len(self.config.key_prefix)
         self._plain_make_key = type(self).make_key is BaseCache.make_key
+        self._client = None
+        try:
+            self.config = _options_for(server, params)
+        except ImproperlyConfigured:
+            self.config = _Misconfigured(server, params)
+            self._max_key_bytes = -1  # every key goes to validate_key, which reads an option
+            return
+        self._max_key_bytes = MAX_KEY_LENGTH - len(self.config.key_prefix)
         if self.config.use_pooling:
             self._client = client_for(self.config)
-        else:
-            self._client = None
 
     @property
     def client(self):
@@ -115,16 +139,18 @@ class PyMemcacheCache(BaseMemcachedCache):
         """Raise ``InvalidCacheKey`` for keys memcached cannot hold, before
         anything is sent: control characters and spaces would be read as
         protocol (command injection), and the limit is 250 bytes on the wire,
-        OPTIONS ``KEY_PREFIX`` included."""
+        OPTIONS ``KEY_PREFIX`` included (``ImproperlyConfigured`` first if the
+        settings are bad)."""
+        allow_unicode_keys = self.config.allow_unicode_keys
         if _BAD_KEY_CHAR.search(key) is None and (
             len(key) <= self._max_key_bytes
             if key.isascii()
-            else self.config.allow_unicode_keys and len(key.encode("utf-8")) <= self._max_key_bytes
+            else allow_unicode_keys and len(key.encode("utf-8")) <= self._max_key_bytes
         ):
             return
         for warning in memcache_key_warnings(key):
             raise InvalidCacheKey(warning)
-        if not key.isascii() and not self.config.allow_unicode_keys:
+        if not key.isascii() and not allow_unicode_keys:
             raise InvalidCacheKey("Cache key contains non-ASCII characters and ALLOW_UNICODE_KEYS "
                                   "is False: %r" % key)
         raise InvalidCacheKey(
@@ -148,6 +174,20 @@ class PyMemcacheCache(BaseMemcachedCache):
         key = self.make_and_validate_key(key, version=version)
         value = self.client.get(key)
         return default if value is MISS else value
+
+    def get_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None):
+        """Django's ``get_or_set``, but a missing value is computed by one
+        caller in every process and thread while the others wait for it
+        (STAMPEDE_PROTECTION), and EARLY_REFRESH recomputes a hot value
+        before it expires: see ``djmemcache.stampede``. A default that is
+        not callable, or a timeout that stores nothing, has nothing to protect."""
+        if not self.config.stampede_protection or not callable(default):
+            return super().get_or_set(key, default, timeout=timeout, version=version)
+        expire = self.get_backend_timeout(timeout)
+        if expire < 0:
+            return super().get_or_set(key, default, timeout=timeout, version=version)
+        key = self.make_and_validate_key(key, version=version)
+        return stampede.guard_for(self.client).get_or_set(key, default, expire)
 
     def get_many(self, keys, version=None):
         key_map = {self.make_and_validate_key(key, version=version): key for key in keys}
@@ -204,7 +244,7 @@ class PyMemcacheCache(BaseMemcachedCache):
     def close(self, **kwargs):
         # Django calls this after every request. Pooled connections outlive
         # requests by design; without pooling, behave like Django's backend.
-        if not self.config.use_pooling and self._client is not None:
+        if self._client is not None and not self.config.use_pooling:
             self._client.close()
 
     def stats(self):
@@ -213,6 +253,7 @@ class PyMemcacheCache(BaseMemcachedCache):
 
     aget = _async("get")
     aget_many = _async("get_many")
+    aget_or_set = _async("get_or_set")
     aset = _async("set")
     aadd = _async("add")
     aset_many = _async("set_many")

@@ -1,7 +1,10 @@
 """Django system checks for every CACHES entry that uses this backend.
 
-Registered when ``djmemcache`` is in INSTALLED_APPS (``apps.py``) and when
-the backend module is imported, so ``manage.py check`` sees them either way.
+Registered by the app's ``ready()`` (``apps.py``), the Django way: with
+``djmemcache`` in INSTALLED_APPS every ``manage.py check`` runs them, and
+without it none does. (Registering on import of the backend, as before,
+came too late for ``manage.py check`` yet showed up in later
+``run_checks()`` calls of other apps' test suites.)
 """
 
 from django.conf import settings
@@ -24,7 +27,6 @@ def _our_aliases():
             yield alias, params
 
 
-@checks.register(checks.Tags.caches)
 def check_cache_settings(app_configs=None, **kwargs):
     messages = []
     for alias, params in _our_aliases():

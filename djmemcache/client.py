@@ -239,7 +239,7 @@ class Client:
         """
         anywhere = self._random
         timeout = self.options.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None
         results = []
         held = []  # [index, conn, batch, token] whose reply is still to be read
         try:
@@ -253,6 +253,11 @@ class Client:
                     continue
                 entry = [index, conn, batch, None]
                 held.append(entry)
+                if timeout is not None:
+                    # TIMEOUT runs from when a connection is in hand: a wait for a
+                    # pool slot (POOL_TIMEOUT bounds that) must not use it up and
+                    # get a healthy server blacklisted for a timeout it never had.
+                    deadline = max(deadline or 0.0, time.monotonic() + timeout)
                 try:
                     entry[3] = send(conn, batch, deadline)
                 except BaseException as exc:
@@ -483,6 +488,19 @@ class Client:
                 self._call(index, "flush_all", Connection.flush_all, retry=True, anywhere=False)
             except DjmemcacheError as exc:
                 self._failed(exc, "flush_all", None)
+
+    # -- for djmemcache.stampede: failures raised, not turned into misses -----
+
+    def index_for(self, key):
+        """Index of the server that holds ``key`` (``NoServerAvailable`` when none is live)."""
+        return self._index_for(key)
+
+    def call(self, index, command, method, *args, retry=False):
+        """Run ``method(connection, *args)`` on server ``index`` like every
+        command (pool, blacklist, one retry when ``retry``), but raise a
+        server failure as ``DjmemcacheError`` instead of making it a miss:
+        get_or_set must tell "the lock is taken" from "the server failed"."""
+        return self._call(index, command, method, *args, retry=retry)
 
     # -- introspection and shutdown -----------------------------------------
 

@@ -666,6 +666,44 @@ class Connection:
             result[name] = value
         raise ProtocolError("stats reply without END")
 
+    # -- meta get (memcached 1.6+): early refresh, see djmemcache/stampede.py --
+
+    def meta_get(self, key, recache):
+        """``(data, flags, won)``, or None on a miss: ``mg <key> v f R<recache>``.
+
+        ``won`` is memcached's W flag: the item has fewer than ``recache``
+        seconds to live and this caller is the one (and only one) told to
+        refresh it; the others get the value with Z. A server that does not
+        speak meta commands answers ERROR (memcached < 1.6: ``ErrorReply``)
+        or closes the connection (twemproxy: ``ConnectionClosed``).
+        """
+        deadline = self.deadline()
+        self._send(b"mg %s v f R%d\r\n" % (self._wire(key), recache), deadline)
+        line = self._read_line(deadline)
+        if line == b"EN":
+            self._expect_end_of_reply()
+            self.misses += 1
+            return None
+        parts = line.split(b" ")
+        if parts[0] != b"VA" or len(parts) < 3:
+            _raise_error_line(line)
+        length = _check_digits(parts[1], "value length")
+        flags = None
+        won = False
+        for token in parts[2:]:
+            if token[:1] == b"f" and flags is None:
+                flags = _check_digits(token[1:], "flags")
+            elif token == b"W":
+                won = True
+            elif token not in (b"Z", b"X"):
+                raise ProtocolError("unexpected meta get flag %r" % token[:32])
+        if flags is None:
+            raise ProtocolError("meta get reply without client flags: %r" % line[:64])
+        data = self._read_block(length, deadline)
+        self._expect_end_of_reply()
+        self.hits += 1
+        return data, flags, won
+
 
 def _store_outcome(line):
     if line == b"STORED":

@@ -21,6 +21,7 @@ MAX_KEY_LENGTH = 250  # memcached's limit, in bytes, prefix included
 DEFAULT_LOCATION = "127.0.0.1:11211"
 DISTRIBUTIONS = ("consistent", "random")
 DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
+MAX_STAMPEDE_WAIT = 3600
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class Options:
     tls_check_hostname: bool = True
     tls_context: object = None  # an ssl.SSLContext; implies TLS
     max_value_size: int = DEFAULT_MAX_VALUE_SIZE  # bytes; memcached's default item size limit (-I 1m)
+    # get_or_set: one caller computes a missing value (djmemcache/stampede.py)
+    stampede_protection: bool = True
+    stampede_wait: float = 5.0  # seconds the others wait for it; also the lock's lifetime
+    early_refresh: int = 0  # seconds before expiry one caller recomputes (0: off; memcached 1.6)
     # Not a user option: lets tests drive blacklist expiry without sleeping.
     clock: object = field(default=None, compare=True)
 
@@ -202,6 +207,15 @@ def parse_options(location, options=None, clock=None):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31 - 2:
                 raise _bad(name, value, "a whole number of bytes from 1 to 2**31 - 3 "
                                         "(memcached's item size limit, its -I option)")
+        elif name == "stampede_wait":
+            value = _number(name, value, positive=True)
+            if value > MAX_STAMPEDE_WAIT:
+                raise _bad(name, value, "at most %d seconds (it is also the lock's lifetime)" % MAX_STAMPEDE_WAIT)
+        elif name == "early_refresh":
+            if isinstance(value, bool) or not isinstance(value, int) or value == 1 or not 0 <= value < 2**31:
+                raise _bad(name, value, "0 (off) or a whole number of seconds >= 2 (memcached counts "
+                                        "an item's time to live in whole seconds: with 1 no one would "
+                                        "ever win the refresh)")
         elif name == "compress_min_length":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise _bad(name, value, "a whole number of bytes >= 0 (0: never compress)")
@@ -223,6 +237,9 @@ def parse_options(location, options=None, clock=None):
         else:
             value = _flag(name, value)
         parsed[name] = value
+    if parsed.get("early_refresh") and parsed.get("stampede_protection") is False:
+        raise _bad("early_refresh", parsed["early_refresh"], "0 when STAMPEDE_PROTECTION is False "
+                                                             "(get_or_set refreshes early only with it)")
     if parsed.get("tls_key_file") and not parsed.get("tls_cert_file"):
         raise _bad("tls_key_file", parsed["tls_key_file"], "to go with TLS_CERT_FILE")
     if any(parsed.get(n) for n in ("tls_ca_file", "tls_cert_file", "tls_context")):

@@ -1,0 +1,185 @@
+"""Request latency under gunicorn ``-k gevent``: djmemcache against Django's PyMemcacheCache.
+
+    .venv/bin/python benchmarks/deploy/gevent_latency.py [--seconds 10] [--rounds 3]
+
+Starts one memcached, then for each backend a gunicorn with gevent workers
+serving tests/deploy_app.py (a view doing get, set on a miss, get_many),
+and drives it with wrk (32 connections, keys spread over 1000 items). The
+backends' rounds are interleaved; the median of each figure is printed. On
+a shared machine the p99s are noisy: compare backends within one run.
+Timing is only reported, never asserted.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TESTS = os.path.join(ROOT, "tests")
+sys.path.insert(0, TESTS)
+
+from memcached import MemcachedProcess, free_port  # noqa: E402 - tests/ is on the path only now
+
+BACKENDS = {
+    "djmemcache": ("djmemcache.backend.PyMemcacheCache", {"TIMEOUT": 0.5}),
+    "django": ("django.core.cache.backends.memcached.PyMemcacheCache", {}),
+}
+
+# Spread requests over 1000 items, as a site's traffic would be.
+WRK_SCRIPT = """
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/sync/" .. math.random(0, 999))
+end
+"""
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _seconds(text):
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(number) * _UNITS[unit]
+
+
+def parse_wrk(output):
+    """``{"p50": s, "p99": s, "max": s, "rps": n, "errors": n}`` from ``wrk --latency``."""
+    result = {"errors": 0}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in ("50%", "99%"):
+            result["p" + parts[0][:-1]] = _seconds(parts[1])
+        elif parts[:1] == ["Latency"] and len(parts) == 5:
+            result["max"] = _seconds(parts[3])
+        elif parts[:1] == ["Requests/sec:"]:
+            result["rps"] = float(parts[1])
+        elif line.strip().startswith("Non-2xx"):
+            result["errors"] += int(parts[-1])
+        elif line.strip().startswith("Socket errors"):
+            result["errors"] += sum(int(n) for n in re.findall(r"\d+", line))
+    return result
+
+
+def _wait_listening(port, proc, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("gunicorn exited with %s (its log is printed above)" % proc.returncode)
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("gunicorn did not listen on %d" % port)
+
+
+def gunicorn(backend, location, options, workers, log, bindir, extra=()):
+    """gunicorn from ``bindir`` (a venv's bin: its djmemcache is the one measured)."""
+    port = free_port()
+    env = dict(os.environ, DEPLOY_BACKEND=backend, DEPLOY_LOCATION=location,
+               DEPLOY_OPTIONS=json.dumps(options), PYTHONPATH=TESTS)
+    command = [os.path.join(bindir, "gunicorn"), "-k", "gevent",
+               "-w", str(workers), "-b", "127.0.0.1:%d" % port, "--log-level", "warning",
+               *extra, "deploy_app:wsgi"]
+    proc = subprocess.Popen(command, env=env, cwd=TESTS, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(port, proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        log.seek(0)
+        print(log.read()[-3000:])
+        raise
+    return proc, port
+
+
+def wrk(port, seconds, connections, script):
+    output = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(connections), "-d", "%ds" % seconds, "--latency",
+         "-s", script, "http://127.0.0.1:%d/" % port],
+        capture_output=True, text=True, check=True).stdout
+    return parse_wrk(output)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--options", default=None,
+                        help="djmemcache OPTIONS as JSON (default %s)" % json.dumps(BACKENDS["djmemcache"][1]))
+    parser.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
+    parser.add_argument("--preload", action="store_true", help="gunicorn --preload")
+    parser.add_argument("--only", choices=sorted(BACKENDS), action="append")
+    parser.add_argument("--venv", default=os.path.dirname(os.path.dirname(sys.executable)),
+                        help="virtualenv whose gunicorn and djmemcache to run (default: this "
+                             "Python's), e.g. one with an older commit installed")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    backends = dict(BACKENDS)
+    if args.options:
+        backends["djmemcache"] = (backends["djmemcache"][0], json.loads(args.options))
+    names = args.only or list(backends)
+    servers = [MemcachedProcess().start() for _ in range(args.servers)]
+    location = ",".join(server.location for server in servers)
+    extra = ["--preload"] if args.preload else []
+    try:
+        summary = _run(args, names, backends, location, extra)
+    finally:
+        for server in servers:
+            server.kill()
+    print("DEPLOY_JSON " + json.dumps(summary))
+
+
+def _run(args, names, backends, location, extra):
+    figures = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "spread.lua")
+        with open(script, "w") as f:
+            f.write(WRK_SCRIPT)
+        log = open(os.path.join(tmp, "gunicorn.log"), "w+")
+        for round_ in range(args.rounds):
+            for name in names:
+                backend, options = backends[name]
+                proc, port = gunicorn(backend, location, options, args.workers, log,
+                                      os.path.join(args.venv, "bin"), extra)
+                try:
+                    wrk(port, 2, args.connections, script)  # warm up: connections, imports
+                    result = wrk(port, args.seconds, args.connections, script)
+                finally:
+                    proc.terminate()
+                    proc.wait()
+                figures[name].append(result)
+                print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
+                      % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"],
+                         1000 * result["max"], result["rps"], result["errors"]), flush=True)
+        log.seek(0)
+        tail = log.read()[-3000:]
+    print("\nmedian of %d rounds, gunicorn -k gevent -w %d%s, %d memcached, wrk -c %d -d %ds:"
+          % (args.rounds, args.workers, " --preload" if extra else "", args.servers,
+             args.connections, args.seconds))
+    summary = {}
+    for name in names:
+        runs = figures[name]
+        summary[name] = {k: statistics.median(r[k] for r in runs) for k in ("p50", "p99", "max", "rps")}
+        summary[name]["errors"] = sum(r["errors"] for r in runs)
+        s = summary[name]
+        print("  %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
+              % (name, 1000 * s["p50"], 1000 * s["p99"], 1000 * s["max"], s["rps"], s["errors"]))
+    if "Traceback" in tail or "ERROR" in tail:
+        print("\ngunicorn log (tail):\n" + tail)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""``get_or_set`` without a stampede: one caller computes a missing value.
+
+Django's ``BaseCache.get_or_set`` is get, compute, add, get: when a popular
+key is missing, every concurrent caller computes it at once (the "dogpile").
+Here, for a callable default:
+
+- On a miss, the caller that ``add``\\ s a companion lock key (placed by the
+  real key, so on the same server) computes; the others poll the real key
+  and the lock in one ``get`` (one poller per process and key: the other
+  threads of the process wait for it in memory) for up to STAMPEDE_WAIT
+  seconds, then do what Django does. A winner that raises deletes the lock
+  and the next poll takes it over; one that dies leaves a lock that expires
+  after STAMPEDE_WAIT.
+- With EARLY_REFRESH = n, the value is read with memcached 1.6's meta get
+  ``mg <key> v f R<n>``: once fewer than n seconds are left, memcached hands
+  ONE reader the W flag; that reader recomputes and sets the value while
+  the others keep reading the current one, so a hot key never misses.
+
+Why a lock key rather than memcached's own vivify (``mg <key> N``): vivify
+stores an empty item under the real key, which a plain ``get`` (Django's
+``get``, or any other client of the cache) would then read as a value;
+``add`` of another key leaves the real key as Django expects it, works on
+every memcached and through twemproxy, and costs nothing on a hit and two
+round trips (add, delete) on a miss. Meta get is only used where it is
+needed (early refresh), and a server that does not speak it (memcached
+< 1.6 answers ERROR, twemproxy closes the connection) is noticed once and
+read with a plain ``get`` from then on; DISTRIBUTION="random" means proxies,
+so it never tries there.
+"""
+
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+
+from djmemcache.client import MISS
+from djmemcache.connection import Connection, ConnectionClosed, ErrorReply
+from djmemcache.exceptions import DjmemcacheError, ServerError
+from djmemcache.options import MAX_KEY_LENGTH
+
+logger = logging.getLogger("djmemcache.stampede")
+
+LOCK_SUFFIX = "|stampede-lock"
+#: The first poll comes soon (a computation may be quick), later ones every 25 ms.
+FIRST_POLL = 0.005
+MAX_POLL = 0.025
+#: memcached's clock ticks in whole seconds: an item given 1 s may live 0 s.
+MIN_LOCK_TTL = 2
+#: memcached reads a relative expiry only up to 30 days; beyond is a Unix time.
+RELATIVE_EXPIRY_MAX = 60 * 60 * 24 * 30
+
+_guards = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+
+
+def guard_for(client):
+    """The one ``Guard`` of a ``Client``: threads must find each other's flights."""
+    try:
+        return _guards[client]
+    except KeyError:
+        with _guards_lock:
+            return _guards.setdefault(client, Guard(client))
+
+
+class _Flight:
+    """One process-local computation of a key, which other threads wait for."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.ok = False
+        self.value = None
+
+
+class Guard:
+    """get_or_set's protocol for the servers of one ``Client``."""
+
+    def __init__(self, client):
+        options = client.options
+        self.client = client
+        self.wait = options.stampede_wait
+        self.lock_ttl = max(MIN_LOCK_TTL, math.ceil(options.stampede_wait))
+        self.early_refresh = 0 if options.distribution == "random" else options.early_refresh
+        self.max_key_bytes = MAX_KEY_LENGTH - len(options.key_prefix)
+        self._flights = {}
+        self._flights_lock = threading.Lock()
+        self._no_meta = set()  # servers seen not to speak meta commands
+        self._meta_ok = set()  # servers that answered one
+
+    def get_or_set(self, key, default, expire):
+        """Django's ``get_or_set`` for a made and validated ``key``, a
+        callable ``default`` and a memcached expiry >= 0."""
+        recache = self._recache_seconds(expire)
+        value = self._read_and_refresh(key, default, expire, recache) if recache else self.client.get(key)
+        if value is not MISS:
+            return value
+        return self._coalesce(key, default, expire)
+
+    # -- early refresh ----------------------------------------------------------
+
+    def _recache_seconds(self, expire):
+        """The R of ``mg``: EARLY_REFRESH, but at most the time to live less
+        1 s (otherwise every new value would be refreshed at once)."""
+        if not self.early_refresh or expire == 0:
+            return 0
+        ttl = expire if expire <= RELATIVE_EXPIRY_MAX else int(expire - time.time())
+        recache = min(self.early_refresh, ttl - 1)
+        return recache if recache >= 2 else 0
+
+    def _read_and_refresh(self, key, default, expire, recache):
+        client = self.client
+        index = None
+        try:
+            index = client.index_for(key)
+            if client.servers[index] in self._no_meta:
+                return client.get(key)
+            reply = client.call(index, "get_or_set", Connection.meta_get, key, recache, retry=True)
+        except DjmemcacheError as exc:
+            if index is not None and self._lacks_meta(index, exc):
+                return self._learn_no_meta(index, key, exc)
+            return client._failed(exc, "get_or_set", MISS)
+        self._meta_ok.add(client.servers[index])
+        if reply is None:
+            return MISS
+        data, flags, won = reply
+        value = client._decode(key, (data, flags))
+        if not won or value is MISS:
+            return value
+        # This caller won the refresh: the others keep reading ``value``.
+        try:
+            fresh = default()
+        except Exception:
+            logger.warning("early refresh of key %r failed; the current value stays until it expires",
+                           key, exc_info=True)
+            return value
+        if not client.set(key, fresh, expire):
+            client.delete(key)  # as Django's set: no stale value after a failed set
+        return fresh
+
+    def _lacks_meta(self, index, exc):
+        server = self.client.servers[index]
+        if server in self._meta_ok or not isinstance(exc, ServerError):
+            return False
+        cause = exc.__cause__
+        return isinstance(cause, ConnectionClosed) or (isinstance(cause, ErrorReply) and str(cause) == "ERROR")
+
+    def _learn_no_meta(self, index, key, exc):
+        """``mg`` was refused: if a plain ``get`` on the same server works,
+        the server does not speak meta commands (remember that); if it fails
+        too, the server failed, and that is handled like any failure."""
+        client = self.client
+        try:
+            raw = client.call(index, "get", Connection.get, key, retry=True)
+        except DjmemcacheError as failure:
+            return client._failed(failure, "get_or_set", MISS)
+        server = client.servers[index]
+        if server not in self._no_meta:
+            self._no_meta.add(server)
+            logger.warning("memcached server %s does not speak meta commands (%s): EARLY_REFRESH "
+                           "is off for it", server, exc)
+        return MISS if raw is None else client._decode(key, raw)
+
+    # -- one computation for a missing key ---------------------------------------
+
+    def _coalesce(self, key, default, expire):
+        """One thread per process and key runs the protocol; the others wait for its result."""
+        deadline = time.monotonic() + self.wait
+        while True:
+            with self._flights_lock:
+                flight = self._flights.get(key)
+                leading = flight is None
+                if leading:
+                    flight = self._flights[key] = _Flight()
+            if leading:
+                try:
+                    flight.value = self._compute_once(key, default, expire, deadline)
+                    flight.ok = True
+                    return flight.value
+                finally:
+                    with self._flights_lock:
+                        del self._flights[key]
+                    flight.done.set()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not flight.done.wait(remaining):
+                return self._as_django(key, default, expire)
+            if flight.ok:
+                return flight.value
+            # The leader raised: its lock is gone, and this thread may take it.
+
+    def _compute_once(self, key, default, expire, deadline):
+        client = self.client
+        lock = self._lock_key(key)
+        try:
+            index = client.index_for(key)
+            locked_at = time.monotonic()
+            won = self._take(index, lock)
+            pause = FIRST_POLL
+            while not won:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.info("get_or_set of key %r: no value after STAMPEDE_WAIT (%ss), "
+                                "computing it here", key, self.wait)
+                    return self._as_django(key, default, expire)
+                time.sleep(min(pause, remaining))
+                pause = min(pause * 1.5, MAX_POLL)
+                found = client.call(index, "get_or_set", Connection.get_many, [key, lock], retry=True)
+                if key in found:
+                    value = client._decode(key, found[key])
+                    if value is not MISS:
+                        return value
+                if lock not in found:  # the winner raised or died: take over
+                    locked_at = time.monotonic()
+                    won = self._take(index, lock)
+        except DjmemcacheError as exc:
+            client._failed(exc, "get_or_set", None)  # raises unless IGNORE_EXC
+            return self._compute_and_add(key, default, expire)
+        try:
+            return self._compute_and_add(key, default, expire)
+        finally:
+            # Only while the lock is surely still ours: after its lifetime
+            # another caller may hold it.
+            if time.monotonic() - locked_at < self.lock_ttl - 1:
+                self._release(index, lock)
+
+    def _take(self, index, lock):
+        token = b"%d" % os.getpid()  # for whoever looks at the lock with a plain get
+        reason = self.client.call(index, "get_or_set", Connection.store_one, b"add", lock, (token, 0),
+                                  self.lock_ttl)
+        return reason is None
+
+    def _release(self, index, lock):
+        try:
+            self.client.call(index, "get_or_set", Connection.delete, lock, retry=True)
+        except DjmemcacheError as exc:
+            # The lock expires by itself; the value is what matters.
+            logger.debug("get_or_set could not delete lock %r: %s", lock, exc)
+
+    def _lock_key(self, key):
+        lock = key + LOCK_SUFFIX
+        if len(lock.encode("utf-8")) <= self.max_key_bytes:
+            return lock
+        return "djmemcache-lock:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+    # -- Django's behaviour -------------------------------------------------------
+
+    def _as_django(self, key, default, expire):
+        value = self.client.get(key)
+        return self._compute_and_add(key, default, expire) if value is MISS else value
+
+    def _compute_and_add(self, key, default, expire):
+        """Compute, ``add``, and return what the cache holds then, as Django does:
+        another caller may have added a value between the get and the add."""
+        value = default()
+        self.client.add(key, value, expire)
+        stored = self.client.get(key)
+        return value if stored is MISS else stored

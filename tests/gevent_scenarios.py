@@ -1,0 +1,154 @@
+"""Cache calls under gevent monkey-patching, in a process of their own.
+
+    python tests/gevent_scenarios.py SCENARIO '{"location": ..., "options": {...}, ...}'
+
+Run by tests/test_deployments.py; prints one JSON line of what it saw.
+Monkey-patching has to happen before anything imports socket or threading,
+as gunicorn's gevent worker does it, hence a separate process per scenario.
+"""
+
+import os
+
+from gevent import monkey
+
+# DJM_NO_GEVENT=1 runs the same scenario on plain threads, for comparison.
+PATCHED = os.environ.get("DJM_NO_GEVENT") != "1"
+if PATCHED:
+    monkey.patch_all()
+
+import json  # noqa: E402 - after monkey-patching, on purpose
+import random  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+
+
+def _setup(spec):
+    import django
+    from django.conf import settings
+
+    settings.configure(
+        SECRET_KEY="djmemcache-gevent-" + "x" * 40,
+        INSTALLED_APPS=["djmemcache"],
+        USE_TZ=True,
+        CACHES={"default": {"BACKEND": "djmemcache.backend.PyMemcacheCache",
+                            "LOCATION": spec["location"], "OPTIONS": spec.get("options", {})}},
+    )
+    django.setup()
+    from django.core.cache import caches
+
+    return caches["default"]
+
+
+class Ticker:
+    """A greenlet that wakes every 10 ms: the longest gap between its wake-ups
+    is the longest time the hub was blocked (a wait gevent could not see)."""
+
+    def __init__(self):
+        self.longest_gap = 0.0
+        self._greenlet = gevent.spawn(self._run)
+
+    def _run(self):
+        last = time.monotonic()
+        while True:
+            gevent.sleep(0.01)
+            now = time.monotonic()
+            self.longest_gap = max(self.longest_gap, now - last)
+            last = now
+
+    def stop(self):
+        self._greenlet.kill()
+        return self.longest_gap
+
+
+def _status(cache):
+    return [{k: entry[k] for k in ("state", "in_use", "idle", "reason")} for entry in cache.stats()]
+
+
+def timed_calls(cache, spec):
+    """``spec["calls"]`` gets of one key: each call's seconds and outcome
+    (``hit``, ``miss`` or the exception's name), the hub's longest stall,
+    and each server's state afterwards."""
+    ticker = Ticker() if PATCHED else None
+    calls = []
+    for _ in range(spec["calls"]):
+        started = time.monotonic()
+        try:
+            outcome = "miss" if cache.get("k") is None else "hit"
+        except Exception as exc:  # noqa: BLE001 - reported
+            outcome = type(exc).__name__
+        calls.append([time.monotonic() - started, outcome])
+    return {"calls": calls, "longest_hub_stall": ticker and ticker.stop(), "status": _status(cache)}
+
+
+def value_for(key):
+    return "value-of-%s" % key
+
+
+def greenlet_storm(cache, spec):
+    """``spec["greenlets"]`` greenlets share the pool, each running
+    ``spec["rounds"]`` get/set/get_many calls; a share ``spec["interrupt"]``
+    of the calls run under a ``gevent.Timeout`` of 0-3 ms that strikes
+    wherever the call is (waiting for a slot, sending, reading)."""
+    keys = ["key-%d" % i for i in range(50)]
+    big = {key: value_for(key) * 200 for key in keys}  # multi-KB get_many replies take a while to read
+    counts = {"calls": 0, "ok": 0, "miss": 0, "wrong": 0, "interrupted": 0, "other": []}
+
+    def check(key, value):
+        if value is None:
+            return "miss"
+        return "ok" if value == big[key] else "wrong"
+
+    def one_call(rng):
+        op = rng.random()
+        if op < 0.4:
+            key = rng.choice(keys)
+            return [check(key, cache.get(key))]
+        if op < 0.7:
+            key = rng.choice(keys)
+            cache.set(key, big[key])
+            return ["ok"]
+        chosen = rng.sample(keys, 20)
+        found = cache.get_many(chosen)
+        return [check(key, found.get(key)) for key in chosen]
+
+    def worker(seed):
+        rng = random.Random(seed)
+        for _ in range(spec["rounds"]):
+            counts["calls"] += 1
+            timer = gevent.Timeout(rng.uniform(0, 0.003)) if rng.random() < spec["interrupt"] else None
+            try:
+                if timer is not None:
+                    timer.start()
+                for outcome in one_call(rng):
+                    counts[outcome] += 1
+            except gevent.Timeout as exc:
+                if exc is not timer:
+                    raise
+                counts["interrupted"] += 1
+            except Exception as exc:  # noqa: BLE001 - reported
+                counts["other"].append(type(exc).__name__)
+            finally:
+                if timer is not None:
+                    timer.close()
+
+    started = time.monotonic()
+    greenlets = [gevent.spawn(worker, i) for i in range(spec["greenlets"])]
+    done = gevent.joinall(greenlets, timeout=spec["deadline"])
+    counts["seconds"] = time.monotonic() - started
+    counts["unfinished"] = len(greenlets) - len(done)
+    counts["failed_greenlets"] = [repr(g.exception) for g in greenlets if g.exception is not None]
+    gevent.killall(greenlets)
+    counts["status_after"] = _status(cache)
+    cache.set("after", "storm")
+    counts["after"] = cache.get("after")
+    return counts
+
+
+SCENARIOS = {"timed_calls": timed_calls, "greenlet_storm": greenlet_storm}
+
+if __name__ == "__main__":
+    name, spec = sys.argv[1], json.loads(sys.argv[2])
+    cache = _setup(spec)
+    print(json.dumps(SCENARIOS[name](cache, spec)))

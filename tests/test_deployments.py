@@ -1,0 +1,293 @@
+"""TIMEOUT, blacklisting and the pool under real deployments: gevent
+monkey-patching (as gunicorn ``-k gevent`` does it) and an ASGI server
+(uvicorn) serving a Django app, each in processes the tests start.
+
+The gevent scenarios run in tests/gevent_scenarios.py (patching must come
+before anything imports socket); the site is tests/deploy_app.py. Each test
+prints one DEPLOY line with what it measured (run with -s to see).
+"""
+
+import http.client
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from test_security import tls_files  # noqa: F401 - a fixture
+
+from memcached import free_port
+
+pytest.importorskip("gevent", reason="gevent is not installed: `pip install -e .[test]` (make test) installs it")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 0.5
+
+pytestmark = pytest.mark.slow
+
+
+def _scenario(name, location, options, no_gevent=False, timeout=60, **spec):
+    env = dict(os.environ, PYTHONPATH=HERE, DJM_NO_GEVENT="1" if no_gevent else "0")
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "gevent_scenarios.py"), name,
+         json.dumps({"location": location, "options": options, **spec})],
+        capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class Dribbler:
+    """A server that answers every command one byte every ``interval``
+    seconds, or never (``silent``); TLS with an ``ssl`` server context."""
+
+    REPLY = b"VALUE :1:k 0 1000\r\n" + b"x" * 1000 + b"\r\nEND\r\n"
+
+    def __init__(self, context=None, silent=False, interval=0.1):
+        self.context, self.silent, self.interval = context, silent, interval
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.location = "127.0.0.1:%d" % self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn):
+        try:
+            conn.settimeout(5)
+            if self.context is not None:
+                conn = self.context.wrap_socket(conn, server_side=True)
+            conn.recv(4096)  # the command
+            if self.silent:
+                self._stop.wait()
+            for byte in self.REPLY:
+                if self._stop.wait(self.interval):
+                    break
+                conn.sendall(bytes([byte]))
+        except OSError:  # the client gave up and closed: what it should do
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self._stop.set()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def dribbler():
+    made = []
+
+    def make(**kwargs):
+        made.append(Dribbler(**kwargs))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def _tls_memcached(memcached_factory, files):
+    return memcached_factory(extra_args=(
+        "-Z", "-o", "ssl_chain_cert=%s,ssl_key=%s" % (files["chain"], files["key"])))
+
+
+def _server_context(files):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files["chain"], files["key"])
+    return context
+
+
+@pytest.fixture(params=["stopped memcached", "stopped TLS memcached", "byte dribbler",
+                        "TLS byte dribbler", "silent TLS server"])
+def bad_server(request, memcached_factory, dribbler, tls_files):  # noqa: F811 - the fixture
+    """A server that never completes a reply: its location and client OPTIONS."""
+    kind = request.param
+    options = {"TIMEOUT": TIMEOUT}
+    if "TLS" in kind:
+        options["TLS_CA_FILE"] = tls_files["ca"]
+    if "memcached" in kind:
+        server = _tls_memcached(memcached_factory, tls_files) if "TLS" in kind else memcached_factory()
+        server.pause()
+        return kind, server.location, options
+    context = _server_context(tls_files) if "TLS" in kind else None
+    return kind, dribbler(context=context, silent="silent" in kind).location, options
+
+
+def test_under_gevent_a_silent_or_dribbling_server_costs_at_most_about_two_timeouts_then_is_blacklisted(
+        bad_server):
+    kind, location, options = bad_server
+    seen = _scenario("timed_calls", location, options, calls=6)
+    durations = [d for d, _ in seen["calls"]]
+    print("\nDEPLOY gevent %s: calls %s s, hub stalled at most %.3f s, state %s"
+          % (kind, " ".join("%.3f" % d for d in durations), seen["longest_hub_stall"],
+             seen["status"][0]["state"]))
+    assert [outcome for _, outcome in seen["calls"]] == ["miss"] * 6  # IGNORE_EXC: a miss, no error
+    assert max(durations) < 2 * TIMEOUT
+    # The wait was gevent's: other greenlets ran all along.
+    assert seen["longest_hub_stall"] < 0.8 * TIMEOUT
+    # Blacklisted on its first timeout, as without gevent: later calls do not wait on it.
+    assert seen["status"][0]["state"] == "blacklisted"
+    assert seen["status"][0]["in_use"] == 0
+    assert sum(durations[1:]) < TIMEOUT
+
+
+def test_a_hung_server_is_blacklisted_under_gevent_exactly_as_on_threads(memcached_factory):
+    server = memcached_factory()
+    server.pause()
+    options = {"TIMEOUT": TIMEOUT, "IGNORE_EXC": False}
+    green = _scenario("timed_calls", server.location, options, calls=4)
+    plain = _scenario("timed_calls", server.location, options, calls=4, no_gevent=True)
+    print("\nDEPLOY hung server, IGNORE_EXC=False: gevent %s / threads %s"
+          % (green["calls"], plain["calls"]))
+    outcomes = [outcome for _, outcome in green["calls"]]
+    assert outcomes == ["ServerError", "NoServerAvailable", "NoServerAvailable", "NoServerAvailable"]
+    assert outcomes == [outcome for _, outcome in plain["calls"]]
+    assert green["status"] == plain["status"]
+    assert green["status"][0]["state"] == "blacklisted"
+
+
+@pytest.mark.parametrize("max_pool_size", [1, 2])
+def test_a_hundred_greenlets_share_a_small_pool_without_deadlock_or_leak_even_when_timeouts_strike(
+        memcached_factory, max_pool_size):
+    server = memcached_factory()
+    options = {"TIMEOUT": TIMEOUT, "MAX_POOL_SIZE": max_pool_size, "POOL_TIMEOUT": 5, "IGNORE_EXC": False}
+    seen = _scenario("greenlet_storm", server.location, options, greenlets=100, rounds=20,
+                     interrupt=0.3, deadline=40, timeout=90)
+    print("\nDEPLOY greenlet storm, MAX_POOL_SIZE=%d: %d calls in %.1f s, %d cut short by "
+          "gevent.Timeout, %d values ok, %d misses; afterwards %s"
+          % (max_pool_size, seen["calls"], seen["seconds"], seen["interrupted"], seen["ok"],
+             seen["miss"], seen["status_after"]))
+    assert seen["unfinished"] == 0  # no deadlock
+    assert seen["failed_greenlets"] == [] and seen["other"] == []
+    assert seen["wrong"] == 0  # an interrupted call never leaves a reply for the next one
+    assert seen["interrupted"] > 0 and seen["ok"] > 0
+    (after,) = seen["status_after"]
+    assert after["state"] == "up"  # waiting for a slot is no timeout of the server's
+    assert after["in_use"] == 0 and after["idle"] <= max_pool_size
+    assert seen["after"] == "storm"
+
+
+# -- ASGI: uvicorn serving a Django app -------------------------------------
+
+def _start_site(server_command, location, options):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=HERE, DEPLOY_LOCATION=location, DEPLOY_OPTIONS=json.dumps(options))
+    command = [os.path.join(os.path.dirname(sys.executable), server_command[0]), *server_command[1:]]
+    proc = subprocess.Popen([c.replace("{port}", str(port)) for c in command], env=env, cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode(errors="replace")[-3000:]
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("%s did not start" % server_command[0])
+
+
+class Browsers:
+    """Threads requesting ``paths`` in turn over keep-alive connections,
+    recording (started, seconds, status, body) per request."""
+
+    def __init__(self, port, paths, threads=4):
+        self.port, self.paths = port, paths
+        self.records = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, seed):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        n = seed
+        while not self._stop.is_set():
+            path = self.paths[n % len(self.paths)]
+            n += 1
+            started = time.monotonic()
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                record = (started, time.monotonic() - started, response.status, response.read().decode())
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                record = (started, time.monotonic() - started, None, repr(exc))
+            self.records.append(record)
+        conn.close()
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def first_hit_after(self, moment, path_prefix="/hit/"):
+        """Seconds from ``moment`` until a request started after it came back a hit."""
+        ends = [started + seconds - moment for started, seconds, status, body in list(self.records)
+                if started >= moment and body.startswith("hit") and status == 200]
+        return min(ends) if ends else None
+
+
+def _wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value is not None:
+            return value
+        time.sleep(0.02)
+    return None
+
+
+def test_uvicorn_site_hits_again_within_two_seconds_of_sigcont_after_stalls(memcached_factory):
+    pytest.importorskip("uvicorn", reason="uvicorn is not installed: `pip install -e .[test]` installs it")
+    server = memcached_factory()
+    proc, port = _start_site(["uvicorn", "--port", "{port}", "--lifespan", "off", "--log-level", "warning",
+                              "deploy_app:asgi"], server.location, {"TIMEOUT": TIMEOUT})
+    figures = []
+    try:
+        paths = ["/hit/k%d" % i for i in range(5)] + ["/sync/%d" % i for i in range(5)]
+        with Browsers(port, paths) as browsers:
+            assert _wait_for(lambda: browsers.first_hit_after(time.monotonic() - 0.5), 10) is not None
+            # A short stall: the first probe (a second after the ban) finds it
+            # back. A long one: probes back off (1 s, 2 s, 4 s... while it hangs),
+            # so the wait after SIGCONT depends on where in that rhythm it falls.
+            for stall, limit in ((0.8, 2.0), (5.0, 6.0)):
+                server.pause()
+                time.sleep(stall)
+                resumed = time.monotonic()
+                server.resume()
+                back = _wait_for(lambda: browsers.first_hit_after(resumed), 10)  # noqa: B023
+                figures.append((stall, back))
+                assert back is not None and back < limit, figures
+            time.sleep(0.3)
+        records = browsers.records
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=10)[0].decode(errors="replace")
+    statuses = {}
+    for _, _, status, _ in records:
+        statuses[status] = statuses.get(status, 0) + 1
+    print("\nDEPLOY uvicorn: %d requests %s; hits again %s after SIGCONT (stall: seconds); "
+          "slowest request %.2f s" % (len(records), statuses, figures, max(r[1] for r in records)))
+    assert set(statuses) == {200}, (statuses, output[-3000:])

@@ -1,0 +1,360 @@
+"""get_or_set without a stampede, with real memcached and real processes:
+one computation across processes and threads, a winner that raises or
+dies, early refresh of a hot key, twemproxy, and a server that dies."""
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+import pytest
+from django.core.cache.backends.memcached import PyMemcacheCache as DjangosPyMemcacheCache
+from django.core.exceptions import ImproperlyConfigured
+
+from djmemcache import DjmemcacheError
+from djmemcache.options import parse_options
+
+from helpers import run_threads
+
+FORK = multiprocessing.get_context("fork")
+COMPUTE_SECONDS = 0.2
+
+
+def _crowd_member(location, options, key, threads, go, computations, results, compute=None):
+    """A process of ``threads`` threads calling get_or_set on ``key`` at ``go``."""
+    from djmemcache.backend import PyMemcacheCache
+
+    cache = PyMemcacheCache(location, {"OPTIONS": options})
+
+    def default():
+        with computations.get_lock():
+            computations.value += 1
+        time.sleep(COMPUTE_SECONDS)
+        return "value-from-%d" % os.getpid()
+
+    seen = []
+
+    def call(_):
+        go.wait()
+        started = time.monotonic()
+        try:
+            value = cache.get_or_set(key, compute or default, timeout=60)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            value = "raised %r" % exc
+        seen.append((time.monotonic() - started, value))
+
+    run_threads(threads, call)
+    results.put(seen)
+
+
+def crowd(location, options, key, processes=4, threads=50, compute=None):
+    """``processes`` x ``threads`` callers at once: (computations, [(latency, value)])."""
+    go = FORK.Event()
+    computations = FORK.Value("i", 0)
+    results = FORK.Queue()
+    members = [FORK.Process(target=_crowd_member,
+                            args=(location, options, key, threads, go, computations, results, compute))
+               for _ in range(processes)]
+    for member in members:
+        member.start()
+    time.sleep(0.5)  # every thread of every process waiting on ``go``
+    go.set()
+    seen = [call for _ in members for call in results.get(timeout=60)]
+    for member in members:
+        member.join(10)
+    return computations.value, seen
+
+
+def counted(value):
+    """A 200 ms computation of ``value`` and the list it appends each run to."""
+    computations = []
+
+    def default():
+        computations.append(1)
+        time.sleep(COMPUTE_SECONDS)
+        return value
+
+    return computations, default
+
+
+# -- one computation ----------------------------------------------------------
+
+def test_missing_key_is_computed_once_by_200_callers_in_4_processes(mc1):
+    computations, seen = crowd(mc1.location, {}, "popular")
+    values = {value for _latency, value in seen}
+    slowest = max(latency for latency, _value in seen)
+    misses = len([value for _latency, value in seen if not value.startswith("value-from-")])
+    print("\nSTAMPEDE 4 processes x 50 threads, 200 ms computation: %d computation(s), "
+          "slowest caller %.0f ms, %d misses" % (computations, slowest * 1000, misses))
+    assert len(seen) == 200
+    assert computations == 1
+    assert len(values) == 1 and values.pop().startswith("value-from-")
+    assert slowest < 5.0  # STAMPEDE_WAIT: nobody gave up waiting (in practice ~0.3 s)
+
+
+def test_djangos_own_get_or_set_computes_once_per_caller(mc1):
+    """The behaviour this replaces, measured the same way: what STAMPEDE_PROTECTION=False keeps."""
+    computations, seen = crowd(mc1.location, {"STAMPEDE_PROTECTION": False}, "popular",
+                               processes=2, threads=10)
+    assert len(seen) == 20
+    assert computations > 1
+
+
+def test_threads_of_one_process_share_one_poller(mc1, make_cache):
+    cache = make_cache(mc1.location)
+    computations, default = counted("v")
+
+    before = mc1.stats()["cmd_get"]
+    seen = []
+    errors = run_threads(30, lambda _: seen.append(cache.get_or_set("k", default)))
+    assert errors == [] and seen == ["v"] * 30 and len(computations) == 1
+    # 30 first gets, then the winner's add/get: polls come from one thread only.
+    assert mc1.stats()["cmd_get"] - before < 30 + 10
+
+
+# -- a winner that fails ------------------------------------------------------
+
+def test_winner_that_raises_hands_over_to_the_next_caller_at_once(mc1):
+    attempts = FORK.Value("i", 0)
+
+    def flaky():
+        with attempts.get_lock():
+            attempts.value += 1
+            first = attempts.value == 1
+        time.sleep(COMPUTE_SECONDS)
+        if first:
+            raise RuntimeError("database gone")
+        return "second try"
+
+    started = time.monotonic()
+    _computations, seen = crowd(mc1.location, {"STAMPEDE_WAIT": 10}, "flaky", processes=2, threads=10,
+                                compute=flaky)
+    elapsed = time.monotonic() - started
+    values = [value for _latency, value in seen]
+    assert values.count("raised RuntimeError('database gone')") == 1
+    assert values.count("second try") == 19
+    assert attempts.value == 2
+    assert elapsed < 0.5 + 5  # far from STAMPEDE_WAIT (10 s): the lock was deleted
+
+
+def _hang_holding_the_lock(location, options, key, ready):
+    from djmemcache.backend import PyMemcacheCache
+
+    cache = PyMemcacheCache(location, {"OPTIONS": options})
+
+    def forever():
+        ready.set()
+        time.sleep(3600)
+
+    cache.get_or_set(key, forever)
+
+
+def test_winner_killed_mid_computation_blocks_others_no_longer_than_stampede_wait(mc1, make_cache):
+    options = {"STAMPEDE_WAIT": 2}
+    ready = FORK.Event()
+    winner = FORK.Process(target=_hang_holding_the_lock, args=(mc1.location, options, "orphan", ready))
+    winner.start()
+    try:
+        assert ready.wait(10)
+        started = time.monotonic()
+        computations, seen = crowd(mc1.location, options, "orphan", processes=2, threads=10)
+    finally:
+        os.kill(winner.pid, signal.SIGKILL)
+        winner.join()
+    latencies = [latency for latency, _value in seen]
+    assert all(value.startswith("value-from-") for _latency, value in seen)
+    assert max(latencies) < 2 + COMPUTE_SECONDS + 3, latencies
+    assert time.monotonic() - started < 2 + 10
+    print("\nSTAMPEDE winner killed: 20 others done in %.2f s max (STAMPEDE_WAIT 2), %d computations"
+          % (max(latencies), computations))
+
+
+# -- early refresh ------------------------------------------------------------
+
+def test_hot_key_is_refreshed_once_before_each_expiry_and_never_misses(mc1, make_cache):
+    cache = make_cache(mc1.location, {"EARLY_REFRESH": 3})
+    generations = []
+    computing = []
+
+    def default():
+        computing.append(1)
+        assert len(computing) == 1, "two computations at once"
+        time.sleep(COMPUTE_SECONDS)
+        generations.append(time.monotonic())
+        computing.pop()
+        return len(generations)
+
+    assert cache.get_or_set("hot", default, timeout=4) == 1
+    misses_before = mc1.stats()["get_misses"]
+    stop = time.monotonic() + 9
+    seen = []
+
+    def reader(_):
+        while time.monotonic() < stop:
+            seen.append(cache.get_or_set("hot", default, timeout=4))
+            time.sleep(0.005)
+
+    assert run_threads(8, reader) == []
+    misses = mc1.stats()["get_misses"] - misses_before
+    print("\nEARLY_REFRESH hot key, 8 threads, 9 s, timeout 4 s, EARLY_REFRESH 3: %d computations "
+          "(%d generations read), %d misses in %d reads" % (len(generations), len(set(seen)), misses, len(seen)))
+    assert misses == 0
+    assert None not in seen
+    # Refreshed every 2 to 3 s (when fewer than 3 s are left of 4): 3 to 5 generations in 9 s,
+    # each computed once (a second computation of one generation would make a value nobody read).
+    assert 3 <= len(generations) <= 6
+    assert sorted(set(seen)) == list(range(1, len(generations) + 1)) or len(set(seen)) == len(generations) - 1
+
+
+def test_early_refresh_that_raises_keeps_the_current_value(mc1, make_cache, caplog):
+    cache = make_cache(mc1.location, {"EARLY_REFRESH": 2})
+    cache.set("k", "current", timeout=3)
+
+    def broken():
+        raise RuntimeError("no")
+
+    seen = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            seen.append(cache.get_or_set("k", broken, timeout=3))
+        except RuntimeError:
+            break  # the value expired: the miss path computes, and raises as Django would
+        time.sleep(0.05)
+    assert "early refresh of key ':1:k' failed" in caplog.text
+    assert len(seen) > 5 and set(seen) == {"current"}
+    assert cache.get("k") is None
+
+
+# -- Django's semantics, and what is stored -------------------------------------
+
+def test_values_keep_djangos_flags_both_ways(mc1, make_cache):
+    ours = make_cache(mc1.location, {"EARLY_REFRESH": 2})
+    djangos = DjangosPyMemcacheCache(mc1.location, {})
+    try:
+        for i, value in enumerate(("text", 42, {"a": [1, 2]}, b"bytes", None)):
+            key = "k-%d" % i
+            assert ours.get_or_set(key, lambda: value) == value
+            assert djangos.get(key, "missing") == value
+            djangos.set(key + "-django", value)
+            assert ours.get_or_set(key + "-django", lambda: "recomputed") == value
+    finally:
+        djangos.close()
+
+
+def test_non_callable_default_and_zero_timeout_keep_djangos_behaviour(mc1, make_cache):
+    cache = make_cache(mc1.location)
+    assert cache.get_or_set("plain", "given") == "given"
+    assert cache.get("plain") == "given"
+    assert cache.get_or_set("gone", lambda: "x", timeout=0) == "x"
+    assert cache.get("gone") is None
+    cache.set("none", None)
+    assert cache.get_or_set("none", lambda: "recomputed") is None  # a stored None is a hit
+    assert cache.get_or_set("versioned", lambda: 1, version=2) == 1
+    assert cache.get("versioned", version=2) == 1 and cache.get("versioned") is None
+
+
+def test_aget_or_set_computes_once_for_concurrent_awaits(mc1, make_cache):
+    cache = make_cache(mc1.location)
+    computations, default = counted("v")
+
+    async def main():
+        return await asyncio.gather(*(cache.aget_or_set("a", default) for _ in range(5)))
+
+    assert asyncio.run(main()) == ["v"] * 5
+    assert len(computations) == 1
+
+
+def test_long_keys_get_a_lock_key_memcached_accepts(mc1, make_cache):
+    cache = make_cache(mc1.location)
+    key = "x" * 240
+    assert cache.get_or_set(key, lambda: "long") == "long"
+    assert cache.get(key) == "long"
+
+
+# -- where meta commands are not spoken ---------------------------------------------
+
+@pytest.mark.parametrize("distribution", ["consistent", "random"])
+def test_behind_twemproxy_get_or_set_keeps_plain_semantics_without_error(
+        make_cache, memcached_factory, twemproxy_factory, distribution, caplog):
+    proxy = twemproxy_factory([memcached_factory()])
+    cache = make_cache(proxy.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "DISTRIBUTION": distribution})
+    computations, default = counted("v")
+
+    seen = []
+    assert run_threads(10, lambda _: seen.append(cache.get_or_set("k", default, timeout=3))) == []
+    assert seen == ["v"] * 10
+    assert len(computations) == 1  # add works through twemproxy: the lock still holds
+    for _ in range(3):
+        assert cache.get_or_set("k", default, timeout=3) == "v"
+    if distribution == "consistent":
+        assert "does not speak meta commands" in caplog.text
+    else:
+        assert "meta" not in caplog.text  # random: never tried
+
+
+# -- failures --------------------------------------------------------------------------
+
+def test_server_killed_while_others_wait_gives_djangos_ignore_exc_behaviour(memcached_factory, make_cache):
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 0.5, "STAMPEDE_WAIT": 10})
+    waiting = threading.Event()
+
+    def slow():
+        waiting.set()
+        time.sleep(0.5)
+        return "winner"
+
+    results = {}
+    winner = threading.Thread(target=lambda: results.setdefault("winner", cache.get_or_set("k", slow)))
+    winner.start()
+    assert waiting.wait(5)
+    other = make_cache(server.location, {"TIMEOUT": 0.5, "STAMPEDE_WAIT": 10, "MAX_POOL_SIZE": 3})
+
+    def poller():  # another configuration, so another client: it polls memcached
+        results["poller"] = other.get_or_set("k", lambda: "poller's own")
+
+    started = time.monotonic()
+    thread = threading.Thread(target=poller)
+    thread.start()
+    time.sleep(0.1)
+    server.kill()
+    thread.join(10)
+    winner.join(10)
+    assert results == {"winner": "winner", "poller": "poller's own"}
+    assert time.monotonic() - started < 5  # not STAMPEDE_WAIT: the failure ended the wait
+
+
+def test_server_down_get_or_set_computes_or_raises_as_ignore_exc_says(memcached_factory, make_cache):
+    server = memcached_factory()
+    location = server.location
+    server.kill()
+    lenient = make_cache(location, {"TIMEOUT": 0.5, "EARLY_REFRESH": 2})
+    assert lenient.get_or_set("k", lambda: "computed") == "computed"
+    strict = make_cache(location, {"TIMEOUT": 0.5, "EARLY_REFRESH": 2, "IGNORE_EXC": False, "BLACKLIST_TIME": 0})
+    with pytest.raises(DjmemcacheError):
+        strict.get_or_set("k", lambda: "computed")
+
+
+# -- options ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, named", [
+    ({"STAMPEDE_WAIT": 0}, "STAMPEDE_WAIT"),
+    ({"STAMPEDE_WAIT": "5"}, "STAMPEDE_WAIT"),
+    ({"STAMPEDE_WAIT": 10**6}, "STAMPEDE_WAIT"),
+    ({"EARLY_REFRESH": 1}, "EARLY_REFRESH"),
+    ({"EARLY_REFRESH": 2.5}, "EARLY_REFRESH"),
+    ({"EARLY_REFRESH": -1}, "EARLY_REFRESH"),
+    ({"EARLY_REFRESH": 30, "STAMPEDE_PROTECTION": False}, "EARLY_REFRESH"),
+    ({"STAMPEDE_PROTECTION": "yes"}, "STAMPEDE_PROTECTION"),
+])
+def test_bad_stampede_options_are_refused_naming_the_option(options, named):
+    with pytest.raises(ImproperlyConfigured, match=named):
+        parse_options("127.0.0.1:11211", options)
+
+
+def test_stampede_defaults():
+    options = parse_options("127.0.0.1:11211", {})
+    assert (options.stampede_protection, options.stampede_wait, options.early_refresh) == (True, 5.0, 0)
