@@ -134,14 +134,7 @@ class Client:
             return {}
         if self._random:
             return {self._index_for(None): list(keys)}
-        live = self._live()
-        if len(live) == 1:
-            return {live[0]: list(keys)}
-        choose = self.rendezvous.choose
-        groups = {}
-        for key in keys:
-            groups.setdefault(choose(key, live), []).append(key)
-        return groups
+        return self.rendezvous.group(keys, self._live())
 
     # -- bringing blacklisted servers back -----------------------------------
 
@@ -408,10 +401,10 @@ class Client:
             if isinstance(outcome, DjmemcacheError):
                 self._failed(outcome, "get_many", None)
                 continue
-            for key, raw in outcome.items():
-                value = self._decode(key, raw)
-                if value is not MISS:
-                    found[key] = value
+            values, corrupt = self.serializer.loads_many(outcome)
+            found.update(values)
+            for key, exc in corrupt:
+                logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
         return found
 
     def _store(self, command, key, value, expire, retry):
