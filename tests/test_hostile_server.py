@@ -158,6 +158,15 @@ def test_length_above_max_value_size_is_refused_before_it_is_read(make_cache, fa
     assert cache.get("k") == b"x" * 1000
 
 
+def test_a_value_above_max_value_size_is_never_sent(make_cache, fake_memcached, ignore_exc):
+    cache = _cache(make_cache, fake_memcached, ignore_exc, MAX_VALUE_SIZE=1000)
+    cache.set("k", b"x" * 1001)  # not stored: the old value is deleted, as Django does
+    assert cache.add("k", b"x" * 1001) is False
+    assert cache.set_many({"k": b"x" * 1001, "small": b"x" * 1000}) == ["k"]
+    assert fake_memcached.commands() == [b"delete", b"set"]
+    assert fake_memcached.received[1][1] == b"x" * 1000
+
+
 @pytest.mark.parametrize("command", ["get", "get_many"])
 def test_memory_grows_with_the_bytes_received_not_the_declared_length(make_cache, fake_memcached, ignore_exc,
                                                                       command):
