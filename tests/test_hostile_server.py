@@ -262,6 +262,21 @@ def test_truncated_value_then_close_is_a_miss(make_cache, fake_memcached, ignore
     _dropped(cache, fake_memcached)
 
 
+@pytest.mark.parametrize("command", ["get", "set", "delete", "touch"])
+def test_a_server_that_always_hangs_up_costs_one_retry_at_most(make_cache, fake_memcached, ignore_exc, command):
+    # get/set/delete/touch are retried once when a pooled connection turns
+    # out closed; the fresh connection's failure is final.
+    cache = _cache(make_cache, fake_memcached, ignore_exc)
+    cache.get("warm")  # one pooled connection
+    call, miss, count = COMMANDS[command]
+    fake_memcached.reply(*[CLOSE] * 10)
+    _sees(lambda: call(cache), ignore_exc, miss)
+    # The warm connection (the first try), one fresh one (the retry); with
+    # IGNORE_EXC a failed set then deletes the old value, on one more.
+    assert fake_memcached.accepted == 2 + (command == "set" and ignore_exc)
+    _dropped(cache, fake_memcached)
+
+
 # -- error replies, for every command -----------------------------------------
 
 @pytest.mark.parametrize("error", [b"SERVER_ERROR out of memory", b"CLIENT_ERROR bad command line format",
