@@ -89,13 +89,22 @@ class Guard:
         self._no_meta = set()  # servers seen not to speak meta commands
         self._meta_ok = set()  # servers that answered one
 
-    def get_or_set(self, key, default, expire):
-        """Django's ``get_or_set`` for a made and validated ``key``, a
-        callable ``default`` and a memcached expiry >= 0."""
-        recache = self._recache_seconds(expire)
-        value = self._read_and_refresh(key, default, expire, recache) if recache else self.client.get(key)
+    def get_or_set(self, key, default, timeout, backend_timeout):
+        """Django's ``get_or_set`` for a made and validated ``key`` and a
+        callable ``default``; ``backend_timeout(timeout)`` is the memcached
+        expiry, worked out only when needed (a hit without early refresh
+        costs what ``get`` costs)."""
+        if self.early_refresh:
+            expire = backend_timeout(timeout)
+            recache = self._recache_seconds(expire)
+            value = self._read_and_refresh(key, default, expire, recache) if recache else self.client.get(key)
+        else:
+            value = self.client.get(key)
         if value is not MISS:
             return value
+        expire = backend_timeout(timeout)
+        if expire < 0:  # stores nothing (timeout 0): nothing to wait for
+            return self._compute_and_add(key, default, expire)
         return self._coalesce(key, default, expire)
 
     # -- early refresh ----------------------------------------------------------
@@ -103,7 +112,7 @@ class Guard:
     def _recache_seconds(self, expire):
         """The R of ``mg``: EARLY_REFRESH, but at most the time to live less
         1 s (otherwise every new value would be refreshed at once)."""
-        if not self.early_refresh or expire == 0:
+        if expire <= 0:
             return 0
         ttl = expire if expire <= RELATIVE_EXPIRY_MAX else int(expire - time.time())
         recache = min(self.early_refresh, ttl - 1)
