@@ -86,8 +86,8 @@ class Guard:
         self.max_key_bytes = MAX_KEY_LENGTH - len(options.key_prefix)
         self._flights = {}
         self._flights_lock = threading.Lock()
-        self._no_meta = set()  # servers seen not to speak meta commands
-        self._meta_ok = set()  # servers that answered one
+        self._no_meta = set()  # indexes of servers seen not to speak meta commands
+        self._meta_ok = set()  # indexes of servers that answered one
 
     def get_or_set(self, key, default, timeout, backend_timeout):
         """Django's ``get_or_set`` for a made and validated ``key`` and a
@@ -123,14 +123,14 @@ class Guard:
         index = None
         try:
             index = client.index_for(key)
-            if client.servers[index] in self._no_meta:
+            if index in self._no_meta:
                 return client.get(key)
             reply = client.call(index, "get_or_set", Connection.meta_get, key, recache, retry=True)
         except DjmemcacheError as exc:
             if index is not None and self._lacks_meta(index, exc):
                 return self._learn_no_meta(index, key, exc)
             return client._failed(exc, "get_or_set", MISS)
-        self._meta_ok.add(client.servers[index])
+        self._meta_ok.add(index)
         if reply is None:
             return MISS
         data, flags, won = reply
@@ -149,8 +149,7 @@ class Guard:
         return fresh
 
     def _lacks_meta(self, index, exc):
-        server = self.client.servers[index]
-        if server in self._meta_ok or not isinstance(exc, ServerError):
+        if index in self._meta_ok or not isinstance(exc, ServerError):
             return False
         cause = exc.__cause__
         return isinstance(cause, ConnectionClosed) or (isinstance(cause, ErrorReply) and str(cause) == "ERROR")
@@ -164,11 +163,10 @@ class Guard:
             raw = client.call(index, "get", Connection.get, key, retry=True)
         except DjmemcacheError as failure:
             return client._failed(failure, "get_or_set", MISS)
-        server = client.servers[index]
-        if server not in self._no_meta:
-            self._no_meta.add(server)
+        if index not in self._no_meta:
+            self._no_meta.add(index)
             logger.warning("memcached server %s does not speak meta commands (%s): EARLY_REFRESH "
-                           "is off for it", server, exc)
+                           "is off for it", client.servers[index], exc)
         return MISS if raw is None else client._decode(key, raw)
 
     # -- one computation for a missing key ---------------------------------------

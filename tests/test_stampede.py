@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -13,7 +14,7 @@ import pytest
 from django.core.cache.backends.memcached import PyMemcacheCache as DjangosPyMemcacheCache
 from django.core.exceptions import ImproperlyConfigured
 
-from djmemcache import DjmemcacheError
+from djmemcache import DjmemcacheError, ServerError
 from djmemcache.options import parse_options
 
 from helpers import run_threads
@@ -320,6 +321,112 @@ def test_behind_twemproxy_get_or_set_keeps_plain_semantics_without_error(
         assert "does not speak meta commands" in caplog.text
     else:
         assert "meta" not in caplog.text  # random: never tried
+
+
+class _ScriptedServer:
+    """A TCP server that answers ``mg`` with ``mg_reply`` (sent in pieces of
+    ``piece`` bytes), every get with a miss and every add, set and delete
+    with success: a memcached that lies, or one older than 1.6."""
+
+    REPLIES = {b"get": b"END\r\n", b"add": b"STORED\r\n", b"set": b"STORED\r\n", b"delete": b"DELETED\r\n"}
+
+    def __init__(self, mg_reply, piece=None):
+        self.mg_reply, self.piece = mg_reply, piece or len(mg_reply)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.location = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        buf = b""
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while b"\r\n" in buf:
+                    line, buf = buf.split(b"\r\n", 1)
+                    verb = line.split(b" ")[0]
+                    if verb in (b"add", b"set"):
+                        length = int(line.split(b" ")[4])
+                        while len(buf) < length + 2:
+                            buf += conn.recv(65536)
+                        buf = buf[length + 2:]
+                    if verb == b"mg":
+                        for start in range(0, len(self.mg_reply), self.piece):
+                            conn.sendall(self.mg_reply[start:start + self.piece])
+                            time.sleep(0.01)
+                    else:
+                        conn.sendall(self.REPLIES.get(verb, b"ERROR\r\n"))
+        except OSError:
+            return
+
+    def close(self):
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def start(mg_reply, piece=None):
+        servers.append(_ScriptedServer(mg_reply, piece))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize("reply", [
+    b"VA 999999999 f0\r\n",  # a length past MAX_VALUE_SIZE: refused before reading
+    b"VA 5 f-1\r\nhello\r\n",
+    b"VA 5\r\nhello\r\n",  # no client flags
+    b"VA 5 f0 Q\r\nhello\r\n",  # a flag not asked for
+    b"VA 5 f0\r\nhelloXX",  # no CRLF after the data
+    b"VA 5 f0\r\nhello\r\nEN\r\n",  # more than the reply
+    b"HD f0\r\n",
+    b"SERVER_ERROR out of memory\r\n",
+])
+def test_meta_get_replies_that_break_the_protocol_are_server_errors(make_cache, scripted, reply):
+    server = scripted(reply)
+    cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 1,
+                                         "BLACKLIST_TIME": 0})
+    with pytest.raises(ServerError):
+        cache.get_or_set("k", lambda: "computed")
+    lenient = make_cache(server.location, {"EARLY_REFRESH": 2, "TIMEOUT": 1, "BLACKLIST_TIME": 0})
+    assert lenient.get_or_set("k", lambda: "computed") == "computed"
+
+
+def test_meta_get_reply_in_pieces_is_read_whole(make_cache, scripted):
+    server = scripted(b"VA 5 f0 W\r\nhello\r\n", piece=3)
+    cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 2})
+    # Won the refresh (W): recomputed and set, the fresh value returned.
+    assert cache.get_or_set("k", lambda: "fresh") == "fresh"
+    miss = scripted(b"EN\r\n", piece=1)
+    cache = make_cache(miss.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 2})
+    assert cache.get_or_set("k", lambda: "computed") == "computed"
+
+
+def test_memcached_older_than_1_6_is_read_with_get_after_one_error(make_cache, scripted, caplog):
+    server = scripted(b"ERROR\r\n")
+    cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 1})
+    for _ in range(3):
+        assert cache.get_or_set("k", lambda: "computed") == "computed"
+    assert caplog.text.count("does not speak meta commands") == 1
+    assert cache.stats()[0]["state"] == "up"
 
 
 # -- failures --------------------------------------------------------------------------
