@@ -111,9 +111,10 @@ def test_threads_of_one_process_share_one_poller(mc1, make_cache):
     seen = []
     errors = run_threads(30, lambda _: seen.append(cache.get_or_set("k", default)))
     assert errors == [] and seen == ["v"] * 30 and len(computations) == 1
-    # 30 first gets, the winner's get after its add, a get each for the 29 others
-    # (a copy of their own): no polls at all, since the one poller was the winner.
-    assert mc1.stats()["cmd_get"] - before == 30 + 1 + 29
+    # At most: 30 first gets, the winner's get after its add, a get each for the
+    # 29 others (a copy of their own): no polls at all, since the one poller was
+    # the winner. Fewer when a late thread's first get already hits (loaded machine).
+    assert mc1.stats()["cmd_get"] - before <= 30 + 1 + 29
 
 
 # -- a winner that fails ------------------------------------------------------
