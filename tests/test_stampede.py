@@ -6,7 +6,6 @@ import asyncio
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -324,71 +323,27 @@ def test_behind_twemproxy_get_or_set_keeps_plain_semantics_without_error(
         assert "meta" not in caplog.text  # random: never tried
 
 
-class _ScriptedServer:
-    """A TCP server that answers ``mg`` with ``mg_reply`` (sent in pieces of
-    ``piece`` bytes), every get with a miss and every add, set and delete
-    with success: a memcached that lies, or one older than 1.6."""
-
-    REPLIES = {b"get": b"END\r\n", b"add": b"STORED\r\n", b"set": b"STORED\r\n", b"delete": b"DELETED\r\n"}
-
-    def __init__(self, mg_reply, piece=None):
-        self.mg_reply, self.piece = mg_reply, piece or len(mg_reply)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.location = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        self.conns = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        buf = b""
-        try:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-                while b"\r\n" in buf:
-                    line, buf = buf.split(b"\r\n", 1)
-                    verb = line.split(b" ")[0]
-                    if verb in (b"add", b"set"):
-                        length = int(line.split(b" ")[4])
-                        while len(buf) < length + 2:
-                            buf += conn.recv(65536)
-                        buf = buf[length + 2:]
-                    if verb == b"mg":
-                        for start in range(0, len(self.mg_reply), self.piece):
-                            conn.sendall(self.mg_reply[start:start + self.piece])
-                            time.sleep(0.01)
-                    else:
-                        conn.sendall(self.REPLIES.get(verb, b"ERROR\r\n"))
-        except OSError:
-            return
-
-    def close(self):
-        self.listener.close()
-        for conn in self.conns:
-            conn.close()
-
-
 @pytest.fixture
 def scripted():
+    """``scripted(mg_reply, piece)``: a fake memcached (tests/fakeserver.py)
+    answering every ``mg`` with ``mg_reply``, in pieces of ``piece`` bytes,
+    and everything else as an empty memcached would."""
+    from fakeserver import Dribble, FakeMemcached, default_reply
+
     servers = []
 
     def start(mg_reply, piece=None):
-        servers.append(_ScriptedServer(mg_reply, piece))
+        answer = Dribble(mg_reply, every_ms=10, size=piece) if piece else mg_reply
+
+        def respond(line, data):
+            return answer if line.startswith(b"mg ") else default_reply(line, data)
+
+        servers.append(FakeMemcached().reply(*[respond] * 100))
         return servers[-1]
 
     yield start
     for server in servers:
-        server.close()
+        server.stop()
 
 
 @pytest.mark.parametrize("reply", [
