@@ -65,6 +65,21 @@ def guard_for(client):
             return _guards.setdefault(client, Guard(client))
 
 
+def _forget_flights_after_fork():
+    """A forked child (gunicorn --preload) has none of its parent's threads:
+    a flight it inherited would never land, and a lock held at the fork
+    would never be released."""
+    global _guards_lock
+    _guards_lock = threading.Lock()
+    for guard in list(_guards.values()):
+        guard._flights = {}
+        guard._flights_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_forget_flights_after_fork)
+
+
 class _Flight:
     """One process-local computation of a key, which other threads wait for."""
 

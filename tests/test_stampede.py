@@ -280,6 +280,37 @@ def test_threads_waiting_in_process_get_a_copy_of_their_own(mc1, make_cache):
     assert len({id(value) for value in seen}) == 5
 
 
+def test_child_forked_during_a_computation_does_not_wait_for_its_parents_threads(mc1, make_cache):
+    cache = make_cache(mc1.location, {"STAMPEDE_WAIT": 10})
+    computing = threading.Event()
+
+    def slow():
+        computing.set()
+        time.sleep(1)
+        return "parent's"
+
+    parent = threading.Thread(target=cache.get_or_set, args=("k", slow))
+    parent.start()
+    assert computing.wait(5)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            started = time.monotonic()
+            value = cache.get_or_set("k", lambda: "child's")
+            os.write(write, b"%s %.2f" % (value.encode(), time.monotonic() - started))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        value, seconds = pipe.read().rsplit(b" ", 1)
+    os.waitpid(pid, 0)
+    parent.join(10)
+    # The parent's computation is the winner's: the child polls it from memcached
+    # (about 1 s), instead of waiting STAMPEDE_WAIT for a thread it does not have.
+    assert value == b"parent's" and float(seconds) < 5
+
+
 def test_guard_does_not_keep_its_client_alive(mc1):
     import gc
     import weakref
