@@ -184,6 +184,8 @@ class PyMemcacheCache(BaseMemcachedCache):
         not callable has nothing to protect."""
         if not self.config.stampede_protection or not callable(default):
             return super().get_or_set(key, default, timeout=timeout, version=version)
+        if isinstance(timeout, float) and not math.isfinite(timeout):
+            self.get_backend_timeout(timeout)  # raises, before anything is sent
         key = self.make_and_validate_key(key, version=version)
         guard = self._guard
         if guard is None:
