@@ -26,7 +26,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["Django>=4.2", "pymemcache>=4.0", "mmh3>=4.0"],
     extras_require={
-        "test": ["pytest>=7", "trustme>=1.0", "zstandard>=0.20",
+        "test": ["pytest>=8.2", "trustme>=1.0", "zstandard>=0.20",
                  "gevent>=23.9", "gunicorn>=21.2", "uvicorn>=0.23"],
         "zstd": ["zstandard>=0.20"],
         "bench": ["pylibmc>=1.6"],
@@ -37,6 +37,8 @@ setup(
         "Framework :: Django",
         "Framework :: Django :: 4.2",
         "Framework :: Django :: 5.2",
+        "Framework :: Django :: 6.0",
+        "Framework :: Django :: 6.1",
         "Intended Audience :: Developers",
         "License :: OSI Approved :: Apache Software License",
         "Operating System :: POSIX",

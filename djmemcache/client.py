@@ -41,9 +41,12 @@ MISS = object()
 # unchanged, and counts against no server.
 TIMEOUT, REFUSED, LOST, BROKEN = "timed out", "connection refused", "connection lost", "bad reply"
 
-# memcached reads exptime as a signed 32-bit number; outside that range it
-# rejects the command line without reading the data block, and then runs
-# the value's bytes as the next command.
+# memcached keeps exptime as a signed 32-bit number. memcached 1.6.18 reads
+# the field as 64 bits and truncates it (2**32 means "never expire",
+# -2**31 - 1 an absolute time in 2038); past 2**63 it rejects the command
+# line without reading the data block, and then runs the value's bytes as
+# the next command. So nothing outside 32 bits is ever sent: the backend
+# clamps Django's timeouts into this range, and check_expire refuses the rest.
 EXPTIME_MAX = 2**31 - 1
 EXPTIME_MIN = -(2**31)
 FLAGS_MAX = 2**32 - 1

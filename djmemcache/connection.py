@@ -120,22 +120,42 @@ def _stdlib_poll():
     return select.poll
 
 
+def _ready(sock, events):
+    """True when ``sock`` is ready for ``events`` right now (never waits)."""
+    poller = _stdlib_poll()()
+    poller.register(sock, events)
+    return bool(poller.poll(0))
+
+
 def _wait(sock, events, deadline, green, poller=None):
     """Wait until ``sock`` is ready for ``events`` or raise ``IOTimeout`` at ``deadline``.
 
+    Past the deadline it still looks once, without waiting, before raising:
+    a reply or a connect that is already there was late only because this
+    process was (a busy gevent hub, a starved CPU, a slow resolver), and a
+    timeout blacklists the server. A server that is really slow is not
+    there when we look, so the deadline still bounds the call.
+
     ``poller``: a ``select.poll`` with ``sock`` registered for ``events``
-    already (the connection's own, for input), saving one per wait."""
+    already (the connection's own, for input), saving one per wait.
+    """
     if deadline is None:
         remaining = None
     else:
         remaining = deadline - _monotonic()
         if remaining <= 0:
+            if _ready(sock, events):
+                return
             raise IOTimeout("timed out")
     if green:
         from gevent.socket import wait_read, wait_write
 
         wait = wait_read if events == select.POLLIN else wait_write
-        wait(sock.fileno(), timeout=remaining, timeout_exc=IOTimeout("timed out"))
+        try:
+            wait(sock.fileno(), timeout=remaining, timeout_exc=IOTimeout("timed out"))
+        except IOTimeout:
+            if not _ready(sock, events):  # the hub may run the timer before the I/O event
+                raise
         return
     if poller is None:
         poller = select.poll()
@@ -449,8 +469,10 @@ class Connection:
             return None
         eol = buf.find(b"\r\n")
         header = buf[:eol].split(b" ")
+        # Lengths are checked before int(): int() of thousands of digits raises
+        # ValueError, which is no protocol error and would reach the caller.
         if len(header) == 4 and header[0] == b"VALUE" and header[1] == wire and (
-            header[2].isdigit() and header[3].isdigit()
+            header[2].isdigit() and header[3].isdigit() and len(header[2]) <= 20 and len(header[3]) <= 20
         ):
             end = eol + 2 + int(header[3])
             if len(buf) == end + 7 and buf.endswith(b"\r\nEND\r\n") and end - eol - 2 <= self.max_value_size:

@@ -79,7 +79,7 @@ class Guard:
 
     def __init__(self, client):
         options = client.options
-        self.client = client
+        self.client = weakref.proxy(client)  # _guards holds the client weakly
         self.wait = options.stampede_wait
         self.lock_ttl = max(MIN_LOCK_TTL, math.ceil(options.stampede_wait))
         self.early_refresh = 0 if options.distribution == "random" else options.early_refresh
@@ -186,7 +186,10 @@ class Guard:
             if remaining <= 0 or not flight.done.wait(remaining):
                 return self._as_django(key, default, expire)
             if flight.ok:
-                return flight.value
+                # A copy of its own, as Django's get_or_set gives every caller:
+                # one thread mutating the value must not change another's.
+                value = self.client.get(key)
+                return flight.value if value is MISS else value
             # The leader raised: its lock is gone, and this thread may take it.
 
     def _compute_once(self, key, default, expire, deadline):
