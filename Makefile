@@ -9,7 +9,7 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 SYSTEM_DEPS := memcached:memcached nutcracker:nutcracker
 ARGS ?=
 
-.PHONY: test test-dj52 test-matrix lint demo bench system-deps clean
+.PHONY: test test-dj52 test-matrix lint demo bench bench-stampede system-deps clean
 
 test: system-deps lint test-matrix
 
@@ -41,6 +41,11 @@ bench: $(VENV)/.installed
 	@scripts/ensure-system-deps memcached:memcached -:libmemcached-dev
 	$(VENV)/bin/pip install $(PIP_FLAGS) pylibmc
 	$(VENV)/bin/python benchmarks/bench.py $(ARGS)
+
+bench-stampede: $(VENV)/.installed
+	@scripts/ensure-system-deps memcached:memcached -:libmemcached-dev
+	$(VENV)/bin/pip install $(PIP_FLAGS) pylibmc
+	$(VENV)/bin/python benchmarks/stampede.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-dj* build dist *.egg-info .pytest_cache .ruff_cache .tox

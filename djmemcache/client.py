@@ -41,9 +41,12 @@ MISS = object()
 # unchanged, and counts against no server.
 TIMEOUT, REFUSED, LOST, BROKEN = "timed out", "connection refused", "connection lost", "bad reply"
 
-# memcached reads exptime as a signed 32-bit number; outside that range it
-# rejects the command line without reading the data block, and then runs
-# the value's bytes as the next command.
+# memcached keeps exptime as a signed 32-bit number. memcached 1.6.18 reads
+# the field as 64 bits and truncates it (2**32 means "never expire",
+# -2**31 - 1 an absolute time in 2038); past 2**63 it rejects the command
+# line without reading the data block, and then runs the value's bytes as
+# the next command. So nothing outside 32 bits is ever sent: the backend
+# clamps Django's timeouts into this range, and check_expire refuses the rest.
 EXPTIME_MAX = 2**31 - 1
 EXPTIME_MIN = -(2**31)
 FLAGS_MAX = 2**32 - 1
@@ -131,14 +134,7 @@ class Client:
             return {}
         if self._random:
             return {self._index_for(None): list(keys)}
-        live = self._live()
-        if len(live) == 1:
-            return {live[0]: list(keys)}
-        choose = self.rendezvous.choose
-        groups = {}
-        for key in keys:
-            groups.setdefault(choose(key, live), []).append(key)
-        return groups
+        return self.rendezvous.group(keys, self._live())
 
     # -- bringing blacklisted servers back -----------------------------------
 
@@ -276,9 +272,12 @@ class Client:
                     outcome = read(conn, token, deadline)
                 except BaseException as exc:
                     outcome = self._settle(index, conn, command, exc, retry, send, read, batch)
+                    held.pop(0)
                 else:
+                    # Off the list first: once given back it may be another
+                    # caller's, even if release() is interrupted.
+                    held.pop(0)
                     self.pools[index].release(conn)
-                held.pop(0)
                 results.append((batch, outcome))
         except BaseException:
             for index, conn, _batch, _token in held:
@@ -405,10 +404,10 @@ class Client:
             if isinstance(outcome, DjmemcacheError):
                 self._failed(outcome, "get_many", None)
                 continue
-            for key, raw in outcome.items():
-                value = self._decode(key, raw)
-                if value is not MISS:
-                    found[key] = value
+            values, corrupt = self.serializer.loads_many(outcome)
+            found.update(values)
+            for key, exc in corrupt:
+                logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
         return found
 
     def _store(self, command, key, value, expire, retry):

@@ -68,29 +68,38 @@ class ConnectionClosed(ProtocolError):
     """The server closed the connection (a restart, or an idle timeout)."""
 
 
-def _libc_send():
-    """libc's ``send`` called through ``ctypes.PyDLL``, which keeps the GIL.
+def _libc(name, use_errno=False):
+    """libc's ``name`` called through ``ctypes.PyDLL``, which keeps the GIL.
 
-    Why: ``socket.send`` releases the GIL around the syscall, so under
-    threads each command costs two GIL hand-offs (send, then recv), each a
-    futex wake and often a context switch. Sending a small command to a
-    socket with room in its buffer never blocks, so it need not release
-    the GIL: measured with 8 threads, this halves the context switches per
-    request (20.9 -> 10.6) and system time per request by 30% (see
-    docs/performance.rst). None where libc's ``send`` cannot be found.
+    Why: ``socket.send``/``recv`` release the GIL around the syscall, so
+    under threads each costs a GIL hand-off, a futex wake and often a
+    context switch. A non-blocking call (``MSG_DONTWAIT``) never waits, so
+    it need not release the GIL: for sends, measured with 8 threads, this
+    halves the context switches per request (20.9 -> 10.6) and system time
+    per request by 30% (see docs/performance.rst). None where libc cannot be
+    found.
     """
     try:
-        send = ctypes.PyDLL(None).send
+        function = getattr(ctypes.PyDLL(None, use_errno=use_errno), name)
     except (OSError, AttributeError, TypeError):  # pragma: no cover - not a POSIX libc
         return None
     # No argtypes: converting through them costs twice the call itself. The
     # arguments are typed at the call instead: ints are C ints (fd, flags),
-    # bytes a pointer, and the length a c_size_t object.
-    send.restype = ctypes.c_ssize_t
-    return send
+    # bytes or a ctypes array a pointer, and the length a c_size_t object.
+    function.restype = ctypes.c_ssize_t
+    return function
 
 
-_send_without_releasing_gil = _libc_send()
+_send_without_releasing_gil = _libc("send")
+# recv reports why it failed (errno): nothing there yet, or a real error.
+_recv_without_releasing_gil = _libc("recv", use_errno=True)
+_get_errno = ctypes.get_errno
+#: A reply already in the socket buffer is read into a per-connection buffer
+#: of this size without releasing the GIL (``Connection._recv``).
+RECV_NOW_SIZE = 32768
+_RECV_NOW_FLAGS = socket.MSG_DONTWAIT
+_PEEK_FLAGS = socket.MSG_DONTWAIT | socket.MSG_PEEK
+_WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 _size_t = ctypes.c_size_t
 
 
@@ -111,22 +120,46 @@ def _stdlib_poll():
     return select.poll
 
 
-def _wait(sock, events, deadline, green):
-    """Wait until ``sock`` is ready for ``events`` or raise ``IOTimeout`` at ``deadline``."""
+def _ready(sock, events):
+    """True when ``sock`` is ready for ``events`` right now (never waits)."""
+    poller = _stdlib_poll()()
+    poller.register(sock, events)
+    return bool(poller.poll(0))
+
+
+def _wait(sock, events, deadline, green, poller=None):
+    """Wait until ``sock`` is ready for ``events`` or raise ``IOTimeout`` at ``deadline``.
+
+    Past the deadline it still looks once, without waiting, before raising:
+    a reply or a connect that is already there was late only because this
+    process was (a busy gevent hub, a starved CPU, a slow resolver), and a
+    timeout blacklists the server. A server that is really slow is not
+    there when we look, so the deadline still bounds the call.
+
+    ``poller``: a ``select.poll`` with ``sock`` registered for ``events``
+    already (the connection's own, for input), saving one per wait.
+    """
     if deadline is None:
         remaining = None
     else:
         remaining = deadline - _monotonic()
         if remaining <= 0:
+            if _ready(sock, events):
+                return
             raise IOTimeout("timed out")
     if green:
         from gevent.socket import wait_read, wait_write
 
         wait = wait_read if events == select.POLLIN else wait_write
-        wait(sock.fileno(), timeout=remaining, timeout_exc=IOTimeout("timed out"))
+        try:
+            wait(sock.fileno(), timeout=remaining, timeout_exc=IOTimeout("timed out"))
+        except IOTimeout:
+            if not _ready(sock, events):  # the hub may run the timer before the I/O event
+                raise
         return
-    poller = select.poll()
-    poller.register(sock, events)
+    if poller is None:
+        poller = select.poll()
+        poller.register(sock, events)
     if not poller.poll(None if remaining is None else math.ceil(remaining * 1000)):
         raise IOTimeout("timed out")
 
@@ -186,6 +219,7 @@ class Connection:
         self._buf = b""  # bytes read past the line or block asked for
         self._poller = None
         self._send_now = False
+        self._recv_now = None  # a ctypes view of the receive buffer, when reads keep the GIL
         self._green = False
         self._tls = False
         # The first recv of a command blocks in the kernel, bounded by
@@ -243,6 +277,10 @@ class Connection:
         self._poller.register(sock, select.POLLIN)
         # Not for TLS: the bytes must go through the SSL layer.
         self._send_now = _send_without_releasing_gil is not None and not self._tls
+        if _recv_without_releasing_gil is not None and not self._tls:
+            self._rbuf = bytearray(RECV_NOW_SIZE)
+            self._rview = memoryview(self._rbuf)
+            self._recv_now = (ctypes.c_char * RECV_NOW_SIZE).from_buffer(self._rbuf)
 
     def _handshake(self, sock, host, deadline, green):
         # Non-blocking from here on: every TLS read and write waits on the deadline.
@@ -273,7 +311,15 @@ class Connection:
         means the server closed it (EOF/RST) or sent something we must not
         read as the next reply.
         """
-        return self.sock is None or bool(self._poller.poll(0))
+        if self.sock is None:
+            return True
+        if self._recv_now is not None:
+            # A peek that keeps the GIL (``poll`` releases it even with a zero
+            # timeout): -1 with EAGAIN is the one answer that means "idle".
+            peeked = _recv_without_releasing_gil(
+                self.sock.fileno(), self._recv_now, _size_t(1), _PEEK_FLAGS)
+            return peeked >= 0 or _get_errno() not in _WOULD_BLOCK
+        return bool(self._poller.poll(0))
 
     def _wire(self, key):
         return self.key_prefix + key.encode("utf-8")
@@ -316,8 +362,29 @@ class Connection:
             view = view[sent:]
 
     def _recv(self, deadline, size=RECV_SIZE):
-        """One ``recv`` of at most ``size`` bytes, waiting no later than ``deadline``."""
+        """One ``recv`` of at most ``size`` bytes, waiting no later than ``deadline``.
+
+        On a plain socket, bytes already in the kernel's buffer are read
+        without releasing the GIL (a non-blocking libc ``recv``), and only
+        when there are none does it wait, in one ``poll`` that releases it:
+        after a pipeline's sends, the replies of the servers read last have
+        usually arrived while the first was waited for, so a call over
+        three servers costs one GIL hand-off instead of six.
+        """
         sock = self.sock
+        if self._recv_now is not None:
+            while True:
+                received = _recv_without_releasing_gil(
+                    sock.fileno(), self._recv_now, _size_t(min(size, RECV_NOW_SIZE)), _RECV_NOW_FLAGS)
+                if received > 0:
+                    return self._rview[:received].tobytes()
+                if received == 0:
+                    raise ConnectionClosed("connection closed by the server")
+                err = _get_errno()
+                if err not in _WOULD_BLOCK:
+                    raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
+                if err != errno.EINTR:
+                    _wait(sock, select.POLLIN, deadline, self._green, self._poller)
         if self._tls:
             while True:
                 try:
@@ -402,8 +469,10 @@ class Connection:
             return None
         eol = buf.find(b"\r\n")
         header = buf[:eol].split(b" ")
+        # Lengths are checked before int(): int() of thousands of digits raises
+        # ValueError, which is no protocol error and would reach the caller.
         if len(header) == 4 and header[0] == b"VALUE" and header[1] == wire and (
-            header[2].isdigit() and header[3].isdigit()
+            header[2].isdigit() and header[3].isdigit() and len(header[2]) <= 20 and len(header[3]) <= 20
         ):
             end = eol + 2 + int(header[3])
             if len(buf) == end + 7 and buf.endswith(b"\r\nEND\r\n") and end - eol - 2 <= self.max_value_size:
@@ -438,8 +507,13 @@ class Connection:
                 _raise_error_line(line)
             if len(parts) != 4:
                 raise ProtocolError("malformed VALUE line %r" % line[:64])
-            flags = _check_digits(parts[2], "flags")
-            length = _check_digits(parts[3], "value length")
+            # _check_digits inlined: this runs for every key of a multi-key reply.
+            field, size = parts[2], parts[3]
+            if not (field.isdigit() and size.isdigit() and len(field) <= 20 and len(size) <= 20):
+                _check_digits(field, "flags")
+                _check_digits(size, "value length")
+            flags = int(field)
+            length = int(size)
             if length > max_value:
                 raise ProtocolError("the server declares a %d-byte value (MAX_VALUE_SIZE is %d)"
                                     % (length, max_value))
@@ -465,7 +539,11 @@ class Connection:
             pos = end + 2
 
     def send_get_many(self, keys, deadline=None):
-        wires = {self._wire(key): key for key in keys}
+        prefix = self.key_prefix
+        if prefix:
+            wires = {prefix + key.encode("utf-8"): key for key in keys}
+        else:
+            wires = {key.encode("utf-8"): key for key in keys}
         self._send(b"get " + b" ".join(wires) + b"\r\n", deadline)
         return wires
 
@@ -632,8 +710,20 @@ class Connection:
         """
         deadline = self.deadline()
         self._send(b"mg %s v f R%d\r\n" % (self._wire(key), recache), deadline)
-        line = self._read_line(deadline)
-        if line == b"EN":
+        buf = self._recv_first()
+        if buf == b"EN\r\n":
+            self.misses += 1
+            return None
+        # As ``get``: the whole reply in one recv is parsed here, the rest
+        # goes through the general readers.
+        eol = buf.find(b"\r\n")
+        if eol < 0 or eol > MAX_LINE:
+            self._buf = buf
+            line = self._read_line(deadline)
+        else:
+            self._buf = buf[eol + 2:]
+            line = buf[:eol]
+        if line == b"EN":  # a miss that came in pieces
             self._expect_end_of_reply()
             self.misses += 1
             return None

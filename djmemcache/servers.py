@@ -130,6 +130,37 @@ class Rendezvous:
                 best, best_score = index, score
         return best
 
+    def group(self, keys, candidates):
+        """``{index: [keys]}``: ``choose`` for a batch of keys, with the same results.
+
+        A multi-key call places every key: here the per-key work is one
+        loop body (encode, one hash per candidate), not three function
+        calls. Candidates are tried in the order of the tie-break (node name
+        descending, then index), so only a strictly higher score replaces
+        the best, and ties go where ``choose`` sends them.
+        """
+        if len(candidates) == 1:
+            return {candidates[0]: list(keys)}
+        if not self._fast:
+            groups = {}
+            for key in keys:
+                groups.setdefault(self.choose(key, candidates), []).append(key)
+            return groups
+        nodes = self.nodes
+        order = sorted(candidates, key=lambda i: (nodes[i], -i), reverse=True)
+        lists = [[] for _ in order]
+        scored = list(zip([self._prefixes[i] for i in order], lists, strict=True))
+        hash_ = _mmh3_hash
+        for key in keys:
+            data = key.encode("ascii") if key.isascii() else _hash_key_bytes(key)
+            best_score = -1
+            for prefix, members in scored:
+                score = hash_(prefix + data, 0, False)
+                if score > best_score:
+                    best_score, best = score, members
+            best.append(key)
+        return {index: members for index, members in zip(order, lists, strict=True) if members}
+
 
 class Blacklist:
     """Which servers are left out after a timeout or a refused connection.

@@ -96,6 +96,16 @@ def ipv6_memcached():
 
 
 @pytest.fixture
+def fake_memcached():
+    """A scripted hostile stand-in for memcached (tests/fakeserver.py)."""
+    from fakeserver import FakeMemcached
+
+    server = FakeMemcached()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def twemproxy_factory():
     started = []
 

@@ -31,7 +31,8 @@ if not settings.configured:
         LOGGING={
             "version": 1,
             "disable_existing_loggers": False,
-            "handlers": {"stderr": {"class": "logging.StreamHandler"}},
+            "formatters": {"stamped": {"format": "%(asctime)s %(process)d %(name)s %(message)s"}},
+            "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "stamped"}},
             "loggers": {"djmemcache": {"handlers": ["stderr"], "level": "WARNING"}},
         },
         CACHES={"default": {

@@ -42,10 +42,12 @@ def _setup(spec):
 
 
 class Ticker:
-    """A greenlet that wakes every 10 ms: the longest gap between its wake-ups
-    is the longest time the hub was blocked (a wait gevent could not see)."""
+    """A greenlet that wakes every 10 ms: if a call's wait were one gevent
+    cannot see, the hub would be blocked and the ticker would not tick
+    during the call; the longest gap between ticks is reported too."""
 
     def __init__(self):
+        self.ticks = 0
         self.longest_gap = 0.0
         self._greenlet = gevent.spawn(self._run)
 
@@ -54,6 +56,7 @@ class Ticker:
         while True:
             gevent.sleep(0.01)
             now = time.monotonic()
+            self.ticks += 1
             self.longest_gap = max(self.longest_gap, now - last)
             last = now
 
@@ -67,18 +70,19 @@ def _status(cache):
 
 
 def timed_calls(cache, spec):
-    """``spec["calls"]`` gets of one key: each call's seconds and outcome
-    (``hit``, ``miss`` or the exception's name), the hub's longest stall,
-    and each server's state afterwards."""
+    """``spec["calls"]`` gets of one key: each call's seconds, outcome
+    (``hit``, ``miss`` or the exception's name) and ticks of the ticker
+    meanwhile; the hub's longest stall; each server's state afterwards."""
     ticker = Ticker() if PATCHED else None
     calls = []
     for _ in range(spec["calls"]):
         started = time.monotonic()
+        ticks = ticker and ticker.ticks
         try:
             outcome = "miss" if cache.get("k") is None else "hit"
         except Exception as exc:  # noqa: BLE001 - reported
             outcome = type(exc).__name__
-        calls.append([time.monotonic() - started, outcome])
+        calls.append([time.monotonic() - started, outcome, ticker and ticker.ticks - ticks])
     return {"calls": calls, "longest_hub_stall": ticker and ticker.stop(), "status": _status(cache)}
 
 
@@ -93,7 +97,7 @@ def greenlet_storm(cache, spec):
     wherever the call is (waiting for a slot, sending, reading)."""
     keys = ["key-%d" % i for i in range(50)]
     big = {key: value_for(key) * 200 for key in keys}  # multi-KB get_many replies take a while to read
-    counts = {"calls": 0, "ok": 0, "miss": 0, "wrong": 0, "interrupted": 0, "other": []}
+    counts = {"calls": 0, "ok": 0, "miss": 0, "wrong": 0, "interrupted": 0, "other": [], "longest": 0.0}
 
     def check(key, value):
         if value is None:
@@ -118,11 +122,13 @@ def greenlet_storm(cache, spec):
         for _ in range(spec["rounds"]):
             counts["calls"] += 1
             timer = gevent.Timeout(rng.uniform(0, 0.003)) if rng.random() < spec["interrupt"] else None
+            started = time.monotonic()
             try:
                 if timer is not None:
                     timer.start()
                 for outcome in one_call(rng):
                     counts[outcome] += 1
+                counts["longest"] = max(counts["longest"], time.monotonic() - started)
             except gevent.Timeout as exc:
                 if exc is not timer:
                     raise
@@ -146,7 +152,38 @@ def greenlet_storm(cache, spec):
     return counts
 
 
-SCENARIOS = {"timed_calls": timed_calls, "greenlet_storm": greenlet_storm}
+def busy_hub(cache, spec):
+    """A greenlet gets a key while another keeps the hub busy (CPU work that
+    never yields) for ``spec["busy"]`` seconds, longer than TIMEOUT; with
+    ``spec["warm"]`` on a pooled connection, else connecting first. What the
+    getter saw, how long it took, and each server's state afterwards."""
+    cache.set("k", "v")
+    if not spec["warm"]:
+        cache.close()
+        from djmemcache.client import reset_registry
+
+        reset_registry()
+    seen = {}
+
+    def getter():
+        started = time.monotonic()
+        try:
+            seen["outcome"] = cache.get("k")
+        except Exception as exc:  # noqa: BLE001 - reported
+            seen["outcome"] = type(exc).__name__
+        seen["seconds"] = time.monotonic() - started
+
+    greenlet = gevent.spawn(getter)
+    gevent.sleep(0)  # the getter runs until it waits (for its reply, or to connect)
+    until = time.monotonic() + spec["busy"]
+    while time.monotonic() < until:  # a view doing CPU work, say
+        pass
+    greenlet.join()
+    seen["status"] = _status(cache)
+    return seen
+
+
+SCENARIOS = {"timed_calls": timed_calls, "greenlet_storm": greenlet_storm, "busy_hub": busy_hub}
 
 if __name__ == "__main__":
     name, spec = sys.argv[1], json.loads(sys.argv[2])

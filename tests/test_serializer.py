@@ -92,6 +92,22 @@ def test_corrupt_items_raise_corrupt_value(data, flags):
         Serializer(compress_min_length=10).loads("k", data, flags)
 
 
+@pytest.mark.parametrize("serializer", [
+    Serializer(), Serializer(compress_min_length=10), Serializer(JSONFormat()),
+    Serializer(signing_keys=["s3cret"]),
+], ids=["pickle", "compressing", "json", "signed"])
+def test_loads_many_decodes_what_loads_decodes_and_sets_corrupt_items_apart(serializer):
+    items = {"k%d" % i: serializer.dumps("k%d" % i, value) for i, value in enumerate(VALUES[:5])}
+    items["bad pickle"] = (b"\x80\x05garbage", 1)
+    items["bad text"] = (b"\xff\xfe", 16)
+    items["unknown flags"] = (b"x", 1 << 12)
+    values, corrupt = serializer.loads_many(items)
+    assert values == {key: serializer.loads(key, *item) for key, item in items.items()
+                      if key.startswith("k")}
+    assert sorted(key for key, _ in corrupt) == ["bad pickle", "bad text", "unknown flags"]
+    assert all(isinstance(exc, CorruptValue) for _, exc in corrupt)
+
+
 def test_signed_values_round_trip_and_rotate_keys():
     old = Serializer(signing_keys=["old-secret"])
     new = Serializer(signing_keys=["new-secret", "old-secret"])

@@ -55,6 +55,22 @@ def test_placement_over_remaining_servers_matches_pymemcache_after_removal():
         assert nodes[ours.choose(key, (0, 2, 3))] == theirs.get_node(key)
 
 
+@pytest.mark.parametrize("use_c", [True, False])
+@pytest.mark.parametrize("nodes, live", [
+    (["127.0.0.1:11211", "127.0.0.1:11212", "127.0.0.1:11213"], (0, 1, 2)),
+    (["a:1", "b:2", "c:3", "d:4"], (0, 2, 3)),
+    (["a:1", "a:1", "b:2"], (0, 1, 2)),  # equal names, equal scores: the tie-break decides
+    (["a:1", "b:2"], (1,)),
+])
+def test_batch_placement_puts_every_key_where_choose_does(use_c, nodes, live):
+    ours = Rendezvous(nodes, use_c=use_c)
+    keys = _random_keys(20_000 if use_c else 2_000)
+    expected = {}
+    for key in keys:
+        expected.setdefault(ours.choose(key, live), []).append(key)
+    assert ours.group(keys, live) == expected
+
+
 def test_single_live_server_is_chosen_without_hashing():
     assert Rendezvous(["a:1", "b:2"]).choose("anything", (1,)) == 1
 

@@ -13,7 +13,7 @@ import pytest
 from django.core.cache.backends.memcached import PyMemcacheCache as DjangosPyMemcacheCache
 from django.core.exceptions import ImproperlyConfigured
 
-from djmemcache import DjmemcacheError
+from djmemcache import DjmemcacheError, ServerError
 from djmemcache.options import parse_options
 
 from helpers import run_threads
@@ -110,8 +110,10 @@ def test_threads_of_one_process_share_one_poller(mc1, make_cache):
     seen = []
     errors = run_threads(30, lambda _: seen.append(cache.get_or_set("k", default)))
     assert errors == [] and seen == ["v"] * 30 and len(computations) == 1
-    # 30 first gets, then the winner's add/get: polls come from one thread only.
-    assert mc1.stats()["cmd_get"] - before < 30 + 10
+    # At most: 30 first gets, the winner's get after its add, a get each for the
+    # 29 others (a copy of their own): no polls at all, since the one poller was
+    # the winner. Fewer when a late thread's first get already hits (loaded machine).
+    assert mc1.stats()["cmd_get"] - before <= 30 + 1 + 29
 
 
 # -- a winner that fails ------------------------------------------------------
@@ -174,7 +176,9 @@ def test_winner_killed_mid_computation_blocks_others_no_longer_than_stampede_wai
 # -- early refresh ------------------------------------------------------------
 
 def test_hot_key_is_refreshed_once_before_each_expiry_and_never_misses(mc1, make_cache):
-    cache = make_cache(mc1.location, {"EARLY_REFRESH": 3})
+    # memcached's clock ticks in whole seconds, and late under load: a window of
+    # 3 ticks (refresh when 3, 2 or 1 s are left) is never skipped.
+    cache = make_cache(mc1.location, {"EARLY_REFRESH": 4})
     generations = []
     computing = []
 
@@ -186,40 +190,40 @@ def test_hot_key_is_refreshed_once_before_each_expiry_and_never_misses(mc1, make
         computing.pop()
         return len(generations)
 
-    assert cache.get_or_set("hot", default, timeout=4) == 1
+    assert cache.get_or_set("hot", default, timeout=6) == 1
     misses_before = mc1.stats()["get_misses"]
-    stop = time.monotonic() + 9
+    stop = time.monotonic() + 10
     seen = []
 
     def reader(_):
         while time.monotonic() < stop:
-            seen.append(cache.get_or_set("hot", default, timeout=4))
+            seen.append(cache.get_or_set("hot", default, timeout=6))
             time.sleep(0.005)
 
     assert run_threads(8, reader) == []
     misses = mc1.stats()["get_misses"] - misses_before
-    print("\nEARLY_REFRESH hot key, 8 threads, 9 s, timeout 4 s, EARLY_REFRESH 3: %d computations "
-          "(%d generations read), %d misses in %d reads" % (len(generations), len(set(seen)), misses, len(seen)))
+    print("\nEARLY_REFRESH hot key, 8 threads, 10 s, timeout 6 s, EARLY_REFRESH 4: %d computations, "
+          "%d misses in %d reads" % (len(generations), misses, len(seen)))
     assert misses == 0
     assert None not in seen
-    # Refreshed every 2 to 3 s (when fewer than 3 s are left of 4): 3 to 5 generations in 9 s,
-    # each computed once (a second computation of one generation would make a value nobody read).
-    assert 3 <= len(generations) <= 6
-    assert sorted(set(seen)) == list(range(1, len(generations) + 1)) or len(set(seen)) == len(generations) - 1
+    # Refreshed every 2 to 3 s (when fewer than 4 s are left of 6), each generation computed
+    # once and read (a second computation of one generation would make a value nobody read).
+    assert 3 <= len(generations) <= 7
+    assert sorted(set(seen)) == list(range(1, len(generations) + 1))
 
 
 def test_early_refresh_that_raises_keeps_the_current_value(mc1, make_cache, caplog):
-    cache = make_cache(mc1.location, {"EARLY_REFRESH": 2})
-    cache.set("k", "current", timeout=3)
+    cache = make_cache(mc1.location, {"EARLY_REFRESH": 3})
+    cache.set("k", "current", timeout=4)
 
     def broken():
         raise RuntimeError("no")
 
     seen = []
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 6
     while time.monotonic() < deadline:
         try:
-            seen.append(cache.get_or_set("k", broken, timeout=3))
+            seen.append(cache.get_or_set("k", broken, timeout=4))
         except RuntimeError:
             break  # the value expired: the miss path computes, and raises as Django would
         time.sleep(0.05)
@@ -267,6 +271,61 @@ def test_aget_or_set_computes_once_for_concurrent_awaits(mc1, make_cache):
     assert len(computations) == 1
 
 
+def test_threads_waiting_in_process_get_a_copy_of_their_own(mc1, make_cache):
+    cache = make_cache(mc1.location)
+    computations, default = counted(["shared?"])
+    seen = []
+    assert run_threads(5, lambda _: seen.append(cache.get_or_set("k", default))) == []
+    assert len(computations) == 1 and seen == [["shared?"]] * 5
+    assert len({id(value) for value in seen}) == 5
+
+
+def test_child_forked_during_a_computation_does_not_wait_for_its_parents_threads(mc1, make_cache):
+    cache = make_cache(mc1.location, {"STAMPEDE_WAIT": 10})
+    computing = threading.Event()
+
+    def slow():
+        computing.set()
+        time.sleep(1)
+        return "parent's"
+
+    parent = threading.Thread(target=cache.get_or_set, args=("k", slow))
+    parent.start()
+    assert computing.wait(5)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            started = time.monotonic()
+            value = cache.get_or_set("k", lambda: "child's")
+            os.write(write, b"%s %.2f" % (value.encode(), time.monotonic() - started))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        value, seconds = pipe.read().rsplit(b" ", 1)
+    os.waitpid(pid, 0)
+    parent.join(10)
+    # The parent's computation is the winner's: the child polls it from memcached
+    # (about 1 s), instead of waiting STAMPEDE_WAIT for a thread it does not have.
+    assert value == b"parent's" and float(seconds) < 5
+
+
+def test_guard_does_not_keep_its_client_alive(mc1):
+    import gc
+    import weakref
+
+    from djmemcache import stampede
+    from djmemcache.client import Client
+
+    client = Client(parse_options(mc1.location, {}))
+    stampede.guard_for(client)
+    dead = weakref.ref(client)
+    del client
+    gc.collect()
+    assert dead() is None
+
+
 def test_long_keys_get_a_lock_key_memcached_accepts(mc1, make_cache):
     cache = make_cache(mc1.location)
     key = "x" * 240
@@ -293,6 +352,68 @@ def test_behind_twemproxy_get_or_set_keeps_plain_semantics_without_error(
         assert "does not speak meta commands" in caplog.text
     else:
         assert "meta" not in caplog.text  # random: never tried
+
+
+@pytest.fixture
+def scripted():
+    """``scripted(mg_reply, piece)``: a fake memcached (tests/fakeserver.py)
+    answering every ``mg`` with ``mg_reply``, in pieces of ``piece`` bytes,
+    and everything else as an empty memcached would."""
+    from fakeserver import Dribble, FakeMemcached, default_reply
+
+    servers = []
+
+    def start(mg_reply, piece=None):
+        answer = Dribble(mg_reply, every_ms=10, size=piece) if piece else mg_reply
+
+        def respond(line, data):
+            return answer if line.startswith(b"mg ") else default_reply(line, data)
+
+        servers.append(FakeMemcached().reply(*[respond] * 100))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.parametrize("reply", [
+    b"VA 999999999 f0\r\n",  # a length past MAX_VALUE_SIZE: refused before reading
+    b"VA 5 f-1\r\nhello\r\n",
+    b"VA 5\r\nhello\r\n",  # no client flags
+    b"VA 5 f0 Q\r\nhello\r\n",  # a flag not asked for
+    b"VA 5 f0\r\nhelloXX",  # no CRLF after the data
+    b"VA 5 f0\r\nhello\r\nEN\r\n",  # more than the reply
+    b"HD f0\r\n",
+    b"SERVER_ERROR out of memory\r\n",
+])
+def test_meta_get_replies_that_break_the_protocol_are_server_errors(make_cache, scripted, reply):
+    server = scripted(reply)
+    cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 1,
+                                         "BLACKLIST_TIME": 0})
+    with pytest.raises(ServerError):
+        cache.get_or_set("k", lambda: "computed")
+    lenient = make_cache(server.location, {"EARLY_REFRESH": 2, "TIMEOUT": 1, "BLACKLIST_TIME": 0})
+    assert lenient.get_or_set("k", lambda: "computed") == "computed"
+
+
+def test_meta_get_reply_in_pieces_is_read_whole(make_cache, scripted):
+    server = scripted(b"VA 5 f0 W\r\nhello\r\n", piece=3)
+    cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 2})
+    # Won the refresh (W): recomputed and set, the fresh value returned.
+    assert cache.get_or_set("k", lambda: "fresh") == "fresh"
+    miss = scripted(b"EN\r\n", piece=1)
+    cache = make_cache(miss.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 2})
+    assert cache.get_or_set("k", lambda: "computed") == "computed"
+
+
+def test_memcached_older_than_1_6_is_read_with_get_after_one_error(make_cache, scripted, caplog):
+    server = scripted(b"ERROR\r\n")
+    cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 1})
+    for _ in range(3):
+        assert cache.get_or_set("k", lambda: "computed") == "computed"
+    assert caplog.text.count("does not speak meta commands") == 1
+    assert cache.stats()[0]["state"] == "up"
 
 
 # -- failures --------------------------------------------------------------------------

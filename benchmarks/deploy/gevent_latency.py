@@ -8,6 +8,13 @@ and drives it with wrk (32 connections, keys spread over 1000 items). The
 backends' rounds are interleaved; the median of each figure is printed. On
 a shared machine the p99s are noisy: compare backends within one run.
 Timing is only reported, never asserted.
+
+To compare with an older djmemcache, install that commit in a venv of its
+own and pass ``--venv``::
+
+    git archive <commit> | tar -x -C /tmp/old-src
+    python3 -m venv /tmp/old && /tmp/old/bin/pip install gevent gunicorn packaging /tmp/old-src
+    .venv/bin/python benchmarks/deploy/gevent_latency.py --venv /tmp/old
 """
 
 import argparse
@@ -119,6 +126,7 @@ def main():
                         help="djmemcache OPTIONS as JSON (default %s)" % json.dumps(BACKENDS["djmemcache"][1]))
     parser.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
     parser.add_argument("--preload", action="store_true", help="gunicorn --preload")
+    parser.add_argument("--log", help="write gunicorn's whole log (djmemcache's warnings) here")
     parser.add_argument("--only", choices=sorted(BACKENDS), action="append")
     parser.add_argument("--venv", default=os.path.dirname(os.path.dirname(sys.executable)),
                         help="virtualenv whose gunicorn and djmemcache to run (default: this "
@@ -147,24 +155,9 @@ def _run(args, names, backends, location, extra):
         script = os.path.join(tmp, "spread.lua")
         with open(script, "w") as f:
             f.write(WRK_SCRIPT)
-        log = open(os.path.join(tmp, "gunicorn.log"), "w+")
-        for round_ in range(args.rounds):
-            for name in names:
-                backend, options = backends[name]
-                proc, port = gunicorn(backend, location, options, args.workers, log,
-                                      os.path.join(args.venv, "bin"), extra)
-                try:
-                    wrk(port, 2, args.connections, script)  # warm up: connections, imports
-                    result = wrk(port, args.seconds, args.connections, script)
-                finally:
-                    proc.terminate()
-                    proc.wait()
-                figures[name].append(result)
-                print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
-                      % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"],
-                         1000 * result["max"], result["rps"], result["errors"]), flush=True)
-        log.seek(0)
-        tail = log.read()[-3000:]
+        with open(os.path.join(tmp, "gunicorn.log"), "w+") as log:
+            full_log = _rounds(args, names, backends, location, extra, script, log, figures)
+    tail = full_log[-3000:]
     print("\nmedian of %d rounds, gunicorn -k gevent -w %d%s, %d memcached, wrk -c %d -d %ds:"
           % (args.rounds, args.workers, " --preload" if extra else "", args.servers,
              args.connections, args.seconds))
@@ -176,9 +169,33 @@ def _run(args, names, backends, location, extra):
         s = summary[name]
         print("  %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
               % (name, 1000 * s["p50"], 1000 * s["p99"], 1000 * s["max"], s["rps"], s["errors"]))
-    if "Traceback" in tail or "ERROR" in tail:
+    if any(word in tail for word in ("Traceback", "ERROR", "blacklisted", "ignored")):
         print("\ngunicorn log (tail):\n" + tail)
+    if args.log:
+        with open(args.log, "w") as f:
+            f.write(full_log)
     return summary
+
+
+def _rounds(args, names, backends, location, extra, script, log, figures):
+    """Run the rounds, backends interleaved; return gunicorn's log."""
+    for round_ in range(args.rounds):
+        for name in names:
+            backend, options = backends[name]
+            proc, port = gunicorn(backend, location, options, args.workers, log,
+                                  os.path.join(args.venv, "bin"), extra)
+            try:
+                wrk(port, 2, args.connections, script)  # warm up: connections, imports
+                result = wrk(port, args.seconds, args.connections, script)
+            finally:
+                proc.terminate()
+                proc.wait()
+            figures[name].append(result)
+            print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
+                  % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"],
+                     1000 * result["max"], result["rps"], result["errors"]), flush=True)
+    log.seek(0)
+    return log.read()
 
 
 if __name__ == "__main__":
