@@ -1,0 +1,58 @@
+"""Behaviours pinned after a hostile review of main (findings 5, 8, 10, 11)."""
+
+import logging
+import pickle
+
+import pytest
+
+from djmemcache.serializer import FLAG_INTEGER, FLAG_SIGNED, CorruptValue, Serializer
+
+from helpers import raw_command
+
+
+def _raw_set(location, key, flags, data):
+    command = b"set %s %d 0 %d\r\n%s\r\n" % (key.encode(), flags, len(data), data)
+    assert raw_command(location, command, until=b"\r\n") == b"STORED\r\n"
+
+
+def _errors(cache):
+    return sum(server["errors"] for server in cache.stats())
+
+
+# -- finding 5: SIGN_VALUES and incr/decr ------------------------------------
+
+@pytest.mark.parametrize("ignore_exc", [True, False])
+def test_incr_and_decr_work_on_integers_under_sign_values(make_cache, mc1, caplog, ignore_exc):
+    cache = make_cache(mc1.location, {"SIGN_VALUES": True, "TIMEOUT": 1, "IGNORE_EXC": ignore_exc})
+    cache.set("n", 1)
+    with caplog.at_level(logging.WARNING, logger="djmemcache"):
+        assert cache.incr("n") == 2
+        assert cache.incr("n", 8) == 10
+        assert cache.decr("n") == 9  # memcached pads "9 " in place
+        assert cache.get("n") == 9
+        assert cache.incr("n", 2**64 - 10) == 2**64 - 1
+    assert caplog.records == []
+    assert _errors(cache) == 0
+    cache.set("big", 2**64)  # past a counter: signed like any other value
+    assert cache.get("big") == 2**64
+    cache.set("neg", -5)
+    assert cache.get("neg") == -5
+
+
+def test_unsigned_integer_items_are_only_ever_parsed_as_counters(make_cache, mc1, tmp_path):
+    cache = make_cache(mc1.location, {"SIGN_VALUES": True, "TIMEOUT": 1})
+    _raw_set(mc1.location, ":1:n", FLAG_INTEGER, b"41")
+    assert cache.get("n") == 41  # a forged counter is a counter: no code runs
+    for data in (pickle.dumps(object()), b"4_1", b"-3", b"\xd9\xa1", b"1" * 21, b""):
+        _raw_set(mc1.location, ":1:n", FLAG_INTEGER, data)
+        assert cache.get("n", "miss") == "miss"
+
+
+def test_signed_serializer_stores_counters_as_plain_digits():
+    signed = Serializer(signing_keys=["secret"])
+    assert signed.dumps("k", 7) == (b"7", FLAG_INTEGER)
+    assert signed.loads("k", b"7  ", FLAG_INTEGER) == 7
+    data, flags = signed.dumps("k", True)  # bool is not an int here: pickled and signed
+    assert flags & FLAG_SIGNED and signed.loads("k", data, flags) is True
+    with pytest.raises(CorruptValue):
+        signed.loads("k", b"1e3", FLAG_INTEGER)
