@@ -56,3 +56,33 @@ def test_signed_serializer_stores_counters_as_plain_digits():
     assert flags & FLAG_SIGNED and signed.loads("k", data, flags) is True
     with pytest.raises(CorruptValue):
         signed.loads("k", b"1e3", FLAG_INTEGER)
+
+
+# -- finding 11a: incr/decr of a value that is not a number --------------------
+
+@pytest.mark.parametrize("ignore_exc", [True, False])
+def test_incr_of_a_non_numeric_value_is_the_callers_error_not_the_servers(make_cache, mc1, caplog,
+                                                                          ignore_exc):
+    from pymemcache.exceptions import MemcacheClientError
+
+    from djmemcache import NonNumericValue
+
+    cache = make_cache(mc1.location, {"TIMEOUT": 1, "IGNORE_EXC": ignore_exc})
+    cache.set("text", "abc")
+    cache.set("pickled", [1, 2])
+    cache.set("negative", -1)
+    opened = cache.stats()[0]["opened"]
+    with caplog.at_level(logging.WARNING, logger="djmemcache"):
+        for key in ("text", "pickled", "negative"):
+            for call in (cache.incr, cache.decr):
+                with pytest.raises(NonNumericValue, match="memcached holds a value that is not") as info:
+                    call(key)
+                assert isinstance(info.value, ValueError)  # Django's incr contract
+                assert isinstance(info.value, MemcacheClientError)  # Django's PyMemcacheCache's
+    assert caplog.records == []
+    assert cache.get_many(["text", "pickled", "negative"]) == {"text": "abc", "pickled": [1, 2],
+                                                              "negative": -1}
+    stats = cache.stats()[0]
+    assert stats["state"] == "up" and stats["errors"] == 0 and stats["opened"] == opened
+    with pytest.raises(ValueError, match="not found"):
+        cache.incr("missing")
