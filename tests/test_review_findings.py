@@ -86,3 +86,35 @@ def test_incr_of_a_non_numeric_value_is_the_callers_error_not_the_servers(make_c
     assert stats["state"] == "up" and stats["errors"] == 0 and stats["opened"] == opened
     with pytest.raises(ValueError, match="not found"):
         cache.incr("missing")
+
+
+# -- finding 11b: keys that have no UTF-8 form ------------------------------------
+
+def _command_counts(location):
+    stats = raw_command(location, b"stats\r\n").decode().split("\r\n")
+    names = ("cmd_get", "cmd_set", "cmd_touch", "delete_misses", "delete_hits", "incr_misses",
+             "decr_misses", "curr_connections")
+    return {line.split()[1]: line.split()[2] for line in stats if line.split()[1:2] and line.split()[1] in names}
+
+
+@pytest.mark.parametrize("key", ["\ud800", "a\udfffb", "é\ud83d"])
+@pytest.mark.parametrize("server", ["memcached", "fake"])
+def test_key_with_a_lone_surrogate_is_an_invalid_cache_key_and_nothing_is_sent(make_cache, mc1, fake_memcached,
+                                                                                server, key):
+    from django.core.cache.backends.base import InvalidCacheKey
+
+    location = mc1.location if server == "memcached" else fake_memcached.location
+    before = _command_counts(mc1.location)
+    cache = make_cache(location, {"TIMEOUT": 1})
+    calls = [
+        lambda: cache.get(key), lambda: cache.set(key, 1), lambda: cache.add(key, 1),
+        lambda: cache.get_many(["ok", key]), lambda: cache.set_many({"ok": 1, key: 2}),
+        lambda: cache.delete(key), lambda: cache.delete_many(["ok", key]),
+        lambda: cache.touch(key), lambda: cache.incr(key), lambda: cache.has_key(key),
+        lambda: cache.get_or_set(key, lambda: 1),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidCacheKey, match="lone surrogate"):
+            call()
+    assert fake_memcached.received == []
+    assert _command_counts(mc1.location) == before
