@@ -118,3 +118,38 @@ def test_key_with_a_lone_surrogate_is_an_invalid_cache_key_and_nothing_is_sent(m
             call()
     assert fake_memcached.received == []
     assert _command_counts(mc1.location) == before
+
+
+# -- finding 11c: LOCATION entries only int() or the resolver would take -----------
+
+@pytest.mark.parametrize("location, message", [
+    ("host:1_1211", "port is not a number"),
+    ("host:１１２１１", "port is not a number"),
+    ("host:+11211", "port is not a number"),
+    ("host: 11211", "port is not a number"),
+    ("h ost:11211", "host name may only have"),
+    ("hôst:11211", "host name may only have"),
+    ("host\t1:11211", "host name may only have"),
+    ("[::1 ]:11211", "host name may only have"),
+    ("[::1]11211", "expected ':port'"),
+    ("unix:/tmp/a\x00b", "control character"),
+])
+def test_location_with_a_port_or_host_int_or_dns_would_bend_is_refused_naming_location(
+        make_cache, location, message):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from djmemcache.options import parse_options
+
+    with pytest.raises(ImproperlyConfigured, match="LOCATION entry .*" + message):
+        parse_options(location)
+    cache = make_cache(location)
+    with pytest.raises(ImproperlyConfigured, match="LOCATION entry"):
+        cache.get("k")
+
+
+def test_plain_location_forms_still_reach_memcached(make_cache, mc1):
+    port = mc1.location.rpartition(":")[2]
+    for location in ("127.0.0.1:" + port, "localhost:" + port, " 127.0.0.1:%s\n" % port):
+        cache = make_cache(location, {"TIMEOUT": 1})
+        cache.set("k", location)
+        assert cache.get("k") == location
