@@ -184,7 +184,7 @@ def _rounds(args, names, backends, location, extra, script, log, figures):
         for name in names:
             backend, options = backends[name]
             proc, port = gunicorn(backend, location, options, args.workers, log,
-                                  os.path.join(args.venv, "bin"), extra)
+                                  os.path.join(os.path.abspath(args.venv), "bin"), extra)
             try:
                 wrk(port, 2, args.connections, script)  # warm up: connections, imports
                 result = wrk(port, args.seconds, args.connections, script)
