@@ -307,12 +307,12 @@ def run_round(name, workloads, servers, scale, record):
     per_thread = int(300 * scale)
     if "request-loop" in workloads:
         for count in (1, 3):
+            label = "%d server%s" % (count, "s" * (count > 1))
             (rate, cpu, switches), opened = connections_opened(
                 servers, lambda count=count: request_loop("%s@%d" % (name, count), 8, per_thread))
-            record("request loop, 8 threads, %d server%s (req/s)" % (count, "s" * (count > 1)), name, rate)
-            if count == 1:
-                record("  CPU per request, 1 server (us, user+sys)", name, cpu)
-                record("  context switches per request, 1 server", name, switches)
+            record("request loop, 8 threads, %s (req/s)" % label, name, rate)
+            record("  CPU per request, %s (us, user+sys)" % label, name, cpu)
+            record("  context switches per request, %s" % label, name, switches)
             if count == 3:
                 record("connections opened per 1,000 requests (3 servers)", name,
                        opened * 1000.0 / (8 * per_thread))
@@ -321,9 +321,9 @@ def run_round(name, workloads, servers, scale, record):
             label = "%d server%s" % (count, "s" * (count > 1))
             rate, cpu, switches = threaded("%s@%d" % (name, count), 8, int(200 * scale), issue_request,
                                            fill_items, requests=True)
-            record("8 threads, get+set+get_many(10)+miss, %s (req/s)" % label, name, rate)
-            record("  CPU per request, %s (us)" % label, name, cpu)
-            record("  context switches per request, %s" % label, name, switches)
+            record("site requests, 8 threads: get+set+get_many(10)+miss, %s (req/s)" % label, name, rate)
+            record("  CPU per site request, %s (us)" % label, name, cpu)
+            record("  context switches per site request, %s" % label, name, switches)
     if "threads-many" in workloads:
         for label, alias, fill in (("pickled ~250 B, 3 servers", "@3", fill_pickled),
                                    ("short str, 3 servers", "@3", fill_str),

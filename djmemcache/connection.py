@@ -98,6 +98,7 @@ _get_errno = ctypes.get_errno
 #: of this size without releasing the GIL (``Connection._recv``).
 RECV_NOW_SIZE = 32768
 _RECV_NOW_FLAGS = socket.MSG_DONTWAIT
+_PEEK_FLAGS = socket.MSG_DONTWAIT | socket.MSG_PEEK
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 _size_t = ctypes.c_size_t
 
@@ -310,7 +311,15 @@ class Connection:
         means the server closed it (EOF/RST) or sent something we must not
         read as the next reply.
         """
-        return self.sock is None or bool(self._poller.poll(0))
+        if self.sock is None:
+            return True
+        if self._recv_now is not None:
+            # A peek that keeps the GIL (``poll`` releases it even with a zero
+            # timeout): -1 with EAGAIN is the one answer that means "idle".
+            peeked = _recv_without_releasing_gil(
+                self.sock.fileno(), self._recv_now, _size_t(1), _PEEK_FLAGS)
+            return peeked >= 0 or _get_errno() not in _WOULD_BLOCK
+        return bool(self._poller.poll(0))
 
     def _wire(self, key):
         return self.key_prefix + key.encode("utf-8")
@@ -701,8 +710,20 @@ class Connection:
         """
         deadline = self.deadline()
         self._send(b"mg %s v f R%d\r\n" % (self._wire(key), recache), deadline)
-        line = self._read_line(deadline)
-        if line == b"EN":
+        buf = self._recv_first()
+        if buf == b"EN\r\n":
+            self.misses += 1
+            return None
+        # As ``get``: the whole reply in one recv is parsed here, the rest
+        # goes through the general readers.
+        eol = buf.find(b"\r\n")
+        if eol < 0 or eol > MAX_LINE:
+            self._buf = buf
+            line = self._read_line(deadline)
+        else:
+            self._buf = buf[eol + 2:]
+            line = buf[:eol]
+        if line == b"EN":  # a miss that came in pieces
             self._expect_end_of_reply()
             self.misses += 1
             return None
