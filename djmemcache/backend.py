@@ -93,6 +93,7 @@ class PyMemcacheCache(BaseMemcachedCache):
         super().__init__(server, params, library=pymemcache, value_not_found_exception=KeyError)
         self._plain_make_key = type(self).make_key is BaseCache.make_key
         self._client = None
+        self._guard = None  # get_or_set's, found once per backend instance
         try:
             self.config = _options_for(server, params)
         except ImproperlyConfigured:
@@ -180,14 +181,16 @@ class PyMemcacheCache(BaseMemcachedCache):
         caller in every process and thread while the others wait for it
         (STAMPEDE_PROTECTION), and EARLY_REFRESH recomputes a hot value
         before it expires: see ``djmemcache.stampede``. A default that is
-        not callable, or a timeout that stores nothing, has nothing to protect."""
+        not callable has nothing to protect."""
         if not self.config.stampede_protection or not callable(default):
             return super().get_or_set(key, default, timeout=timeout, version=version)
-        expire = self.get_backend_timeout(timeout)
-        if expire < 0:
-            return super().get_or_set(key, default, timeout=timeout, version=version)
+        if isinstance(timeout, float) and not math.isfinite(timeout):
+            self.get_backend_timeout(timeout)  # raises, before anything is sent
         key = self.make_and_validate_key(key, version=version)
-        return stampede.guard_for(self.client).get_or_set(key, default, expire)
+        guard = self._guard
+        if guard is None:
+            guard = self._guard = stampede.guard_for(self.client)
+        return guard.get_or_set(key, default, timeout, self.get_backend_timeout)
 
     def get_many(self, keys, version=None):
         key_map = {self.make_and_validate_key(key, version=version): key for key in keys}

@@ -272,9 +272,12 @@ class Client:
                     outcome = read(conn, token, deadline)
                 except BaseException as exc:
                     outcome = self._settle(index, conn, command, exc, retry, send, read, batch)
+                    held.pop(0)
                 else:
+                    # Off the list first: once given back it may be another
+                    # caller's, even if release() is interrupted.
+                    held.pop(0)
                     self.pools[index].release(conn)
-                held.pop(0)
                 results.append((batch, outcome))
         except BaseException:
             for index, conn, _batch, _token in held:

@@ -719,8 +719,20 @@ class Connection:
         """
         deadline = self.deadline()
         self._send(b"mg %s v f R%d\r\n" % (self._wire(key), recache), deadline)
-        line = self._read_line(deadline)
-        if line == b"EN":
+        buf = self._recv_first()
+        if buf == b"EN\r\n":
+            self.misses += 1
+            return None
+        # As ``get``: the whole reply in one recv is parsed here, the rest
+        # goes through the general readers.
+        eol = buf.find(b"\r\n")
+        if eol < 0 or eol > MAX_LINE:
+            self._buf = buf
+            line = self._read_line(deadline)
+        else:
+            self._buf = buf[eol + 2:]
+            line = buf[:eol]
+        if line == b"EN":  # a miss that came in pieces
             self._expect_end_of_reply()
             self.misses += 1
             return None

@@ -73,9 +73,9 @@ class HostPool:
         # is list.append itself: C code that a signal cannot interrupt, where
         # a Python callback could be cut short (its exception unraisable).
         self._lost = []
-        # Callers waiting for a slot, each on a lock of its own that a freed
-        # slot releases. Not a Condition: a signal handler that raises while
-        # Condition.wait re-acquires the lock leaves the lock unowned.
+        # Callers waiting for a slot, oldest first, each on a lock of its own
+        # that a freed slot releases. Not a Condition: a signal handler that
+        # raises while Condition.wait re-acquires the lock leaves the lock unowned.
         self._waiters = []
         self._pid = os.getpid()
         self.opened = 0  # connections opened by this process, for stats and tests
@@ -150,11 +150,17 @@ class HostPool:
         return None
 
     def _wait_for_slot(self):
-        """Wait (without the pool lock) until a slot frees up, up to ``wait_timeout``."""
+        """Wait (without the pool lock) until a slot frees up, up to ``wait_timeout``.
+
+        A connection given back while callers wait is handed to the one that
+        has waited longest, never left for whoever asks next: under gevent a
+        greenlet that gives a connection back and asks again runs on without
+        yielding, and would otherwise take it every time while the waiters
+        starve into PoolTimeout.
+        """
         deadline = None if self.wait_timeout is None else time.monotonic() + self.wait_timeout
         while True:
-            waiter = threading.Lock()
-            waiter.acquire()
+            waiter = _Waiter()
             with self._lock:
                 conn = self._take()
                 if conn is not None:
@@ -169,18 +175,31 @@ class HostPool:
                 self._waiters.append(waiter)
             try:
                 # In slices: a slot freed by a lost member wakes nobody.
-                waiter.acquire(True, 0.05 if remaining is None else min(remaining, 0.05))
-            finally:
-                with self._lock:
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
+                waiter.lock.acquire(True, 0.05 if remaining is None else min(remaining, 0.05))
+            except BaseException:
+                conn = self._withdraw(waiter)
+                if conn is not None:
+                    self.release(conn)  # to the next waiter
+                raise
+            conn = self._withdraw(waiter)
+            if conn is not None:
+                return conn
+
+    def _withdraw(self, waiter):
+        """Take ``waiter`` off the queue; the connection handed to it, if any."""
+        with self._lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            conn, waiter.conn = waiter.conn, None
+        return conn
 
     def _wake_waiters(self):
-        # With the lock held. Every waiter looks again, and one gets the slot:
-        # waking only one could wake a waiter that an exception is taking away.
+        # With the lock held: a slot (not a connection) is free. Every waiter
+        # looks again, and one gets it: waking only one could wake a waiter
+        # that an exception is taking away.
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            waiter.release()
+            waiter.lock.release()
 
     def _connect(self, conn):
         conn.connect()
@@ -197,6 +216,7 @@ class HostPool:
         if conn.pid != self._pid:
             conn.close()  # opened before a fork: its slot belongs to the parent
             return
+        handed = False
         try:
             conn.reused = True
             conn.idle_since = _now()
@@ -204,12 +224,21 @@ class HostPool:
                 self.hits += conn.hits
                 self.misses += conn.misses
                 conn.hits = conn.misses = 0
-                self._idle.append(conn)
-                conn.pooled = True
-                if self._waiters:
-                    self._wake_waiters()
+                # Set first: once a waiter or the idle list may hold it, another
+                # caller may be using it, so it is never closed here. An exception
+                # before it gets there only drops it (its slot is freed when it
+                # is collected, see _reap).
+                handed = True
+                if self._waiters:  # to the caller that has waited longest
+                    waiter = self._waiters.pop(0)
+                    waiter.conn = conn
+                    waiter.lock.release()
+                else:
+                    self._idle.append(conn)
+                    conn.pooled = True
         except BaseException:
-            self.discard(conn)
+            if not handed:
+                self.discard(conn)
             raise
 
     def discard(self, conn):
@@ -267,6 +296,18 @@ class HostPool:
         return "<HostPool %s in_use=%d idle=%d max=%d opened=%d>" % (
             self.server, s["in_use"], s["idle"], self.max_size, s["opened"],
         )
+
+
+class _Waiter:
+    """A caller waiting for a slot: its lock is released when a slot frees
+    up, with ``conn`` set when a connection is handed to it."""
+
+    __slots__ = ("lock", "conn")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.conn = None
 
 
 def _after_fork_in_child():

@@ -65,6 +65,21 @@ def guard_for(client):
             return _guards.setdefault(client, Guard(client))
 
 
+def _forget_flights_after_fork():
+    """A forked child (gunicorn --preload) has none of its parent's threads:
+    a flight it inherited would never land, and a lock held at the fork
+    would never be released."""
+    global _guards_lock
+    _guards_lock = threading.Lock()
+    for guard in list(_guards.values()):
+        guard._flights = {}
+        guard._flights_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_forget_flights_after_fork)
+
+
 class _Flight:
     """One process-local computation of a key, which other threads wait for."""
 
@@ -86,16 +101,25 @@ class Guard:
         self.max_key_bytes = MAX_KEY_LENGTH - len(options.key_prefix)
         self._flights = {}
         self._flights_lock = threading.Lock()
-        self._no_meta = set()  # servers seen not to speak meta commands
-        self._meta_ok = set()  # servers that answered one
+        self._no_meta = set()  # indexes of servers seen not to speak meta commands
+        self._meta_ok = set()  # indexes of servers that answered one
 
-    def get_or_set(self, key, default, expire):
-        """Django's ``get_or_set`` for a made and validated ``key``, a
-        callable ``default`` and a memcached expiry >= 0."""
-        recache = self._recache_seconds(expire)
-        value = self._read_and_refresh(key, default, expire, recache) if recache else self.client.get(key)
+    def get_or_set(self, key, default, timeout, backend_timeout):
+        """Django's ``get_or_set`` for a made and validated ``key`` and a
+        callable ``default``; ``backend_timeout(timeout)`` is the memcached
+        expiry, worked out only when needed (a hit without early refresh
+        costs what ``get`` costs)."""
+        if self.early_refresh:
+            expire = backend_timeout(timeout)
+            recache = self._recache_seconds(expire)
+            value = self._read_and_refresh(key, default, expire, recache) if recache else self.client.get(key)
+        else:
+            value = self.client.get(key)
         if value is not MISS:
             return value
+        expire = backend_timeout(timeout)
+        if expire < 0:  # stores nothing (timeout 0): nothing to wait for
+            return self._compute_and_add(key, default, expire)
         return self._coalesce(key, default, expire)
 
     # -- early refresh ----------------------------------------------------------
@@ -103,7 +127,7 @@ class Guard:
     def _recache_seconds(self, expire):
         """The R of ``mg``: EARLY_REFRESH, but at most the time to live less
         1 s (otherwise every new value would be refreshed at once)."""
-        if not self.early_refresh or expire == 0:
+        if expire <= 0:
             return 0
         ttl = expire if expire <= RELATIVE_EXPIRY_MAX else int(expire - time.time())
         recache = min(self.early_refresh, ttl - 1)
@@ -114,14 +138,14 @@ class Guard:
         index = None
         try:
             index = client.index_for(key)
-            if client.servers[index] in self._no_meta:
+            if index in self._no_meta:
                 return client.get(key)
             reply = client.call(index, "get_or_set", Connection.meta_get, key, recache, retry=True)
         except DjmemcacheError as exc:
             if index is not None and self._lacks_meta(index, exc):
                 return self._learn_no_meta(index, key, exc)
             return client._failed(exc, "get_or_set", MISS)
-        self._meta_ok.add(client.servers[index])
+        self._meta_ok.add(index)
         if reply is None:
             return MISS
         data, flags, won = reply
@@ -140,8 +164,7 @@ class Guard:
         return fresh
 
     def _lacks_meta(self, index, exc):
-        server = self.client.servers[index]
-        if server in self._meta_ok or not isinstance(exc, ServerError):
+        if index in self._meta_ok or not isinstance(exc, ServerError):
             return False
         cause = exc.__cause__
         return isinstance(cause, ConnectionClosed) or (isinstance(cause, ErrorReply) and str(cause) == "ERROR")
@@ -155,11 +178,10 @@ class Guard:
             raw = client.call(index, "get", Connection.get, key, retry=True)
         except DjmemcacheError as failure:
             return client._failed(failure, "get_or_set", MISS)
-        server = client.servers[index]
-        if server not in self._no_meta:
-            self._no_meta.add(server)
+        if index not in self._no_meta:
+            self._no_meta.add(index)
             logger.warning("memcached server %s does not speak meta commands (%s): EARLY_REFRESH "
-                           "is off for it", server, exc)
+                           "is off for it", client.servers[index], exc)
         return MISS if raw is None else client._decode(key, raw)
 
     # -- one computation for a missing key ---------------------------------------

@@ -84,7 +84,7 @@ class FakeMemcached:
             time.sleep(0.005)
         return self.replied >= count
 
-    def wait_all_closed(self, timeout=2.0):
+    def wait_all_closed(self, timeout=10.0):
         """True once every connection is closed (by the client or by a CLOSE)."""
         deadline = time.monotonic() + timeout
         while self._open and time.monotonic() < deadline:

@@ -97,7 +97,7 @@ def greenlet_storm(cache, spec):
     wherever the call is (waiting for a slot, sending, reading)."""
     keys = ["key-%d" % i for i in range(50)]
     big = {key: value_for(key) * 200 for key in keys}  # multi-KB get_many replies take a while to read
-    counts = {"calls": 0, "ok": 0, "miss": 0, "wrong": 0, "interrupted": 0, "other": []}
+    counts = {"calls": 0, "ok": 0, "miss": 0, "wrong": 0, "interrupted": 0, "other": [], "longest": 0.0}
 
     def check(key, value):
         if value is None:
@@ -122,11 +122,13 @@ def greenlet_storm(cache, spec):
         for _ in range(spec["rounds"]):
             counts["calls"] += 1
             timer = gevent.Timeout(rng.uniform(0, 0.003)) if rng.random() < spec["interrupt"] else None
+            started = time.monotonic()
             try:
                 if timer is not None:
                     timer.start()
                 for outcome in one_call(rng):
                     counts[outcome] += 1
+                counts["longest"] = max(counts["longest"], time.monotonic() - started)
             except gevent.Timeout as exc:
                 if exc is not timer:
                     raise

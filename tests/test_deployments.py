@@ -201,6 +201,22 @@ def test_a_hundred_greenlets_share_a_small_pool_without_deadlock_or_leak_even_wh
     assert seen["after"] == "storm"
 
 
+@pytest.mark.parametrize("max_pool_size", [1, 4])
+def test_greenlets_waiting_for_a_full_pool_are_served_in_turn(memcached_factory, max_pool_size):
+    """1000 greenlets call in a loop, without yielding between calls, through
+    a pool far smaller: each connection given back goes to the greenlet that
+    has waited longest, so nobody starves into PoolTimeout."""
+    server = memcached_factory()
+    options = {"TIMEOUT": TIMEOUT, "MAX_POOL_SIZE": max_pool_size, "POOL_TIMEOUT": 3, "IGNORE_EXC": False}
+    seen = _scenario("greenlet_storm", server.location, options, greenlets=1000, rounds=2,
+                     interrupt=0, deadline=40, timeout=90)
+    print("\nDEPLOY 1000 greenlets, MAX_POOL_SIZE=%d: %d calls in %.2f s, longest %.3f s, errors %s"
+          % (max_pool_size, seen["calls"], seen["seconds"], seen["longest"], seen["other"][:3]))
+    assert seen["unfinished"] == 0 and seen["failed_greenlets"] == []
+    assert seen["other"] == []  # no PoolTimeout
+    assert seen["status_after"][0]["in_use"] == 0
+
+
 # -- ASGI: uvicorn serving a Django app -------------------------------------
 
 def _start_site(server_command, location, options):

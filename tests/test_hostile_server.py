@@ -158,6 +158,15 @@ def test_length_above_max_value_size_is_refused_before_it_is_read(make_cache, fa
     assert cache.get("k") == b"x" * 1000
 
 
+def test_a_value_above_max_value_size_is_never_sent(make_cache, fake_memcached, ignore_exc):
+    cache = _cache(make_cache, fake_memcached, ignore_exc, MAX_VALUE_SIZE=1000)
+    cache.set("k", b"x" * 1001)  # not stored: the old value is deleted, as Django does
+    assert cache.add("k", b"x" * 1001) is False
+    assert cache.set_many({"k": b"x" * 1001, "small": b"x" * 1000}) == ["k"]
+    assert fake_memcached.commands() == [b"delete", b"set"]
+    assert fake_memcached.received[1][1] == b"x" * 1000
+
+
 @pytest.mark.parametrize("command", ["get", "get_many"])
 def test_memory_grows_with_the_bytes_received_not_the_declared_length(make_cache, fake_memcached, ignore_exc,
                                                                       command):
@@ -250,6 +259,21 @@ def test_truncated_value_then_close_is_a_miss(make_cache, fake_memcached, ignore
     call, miss, _ = COMMANDS[command]
     fake_memcached.reply((b"VALUE :1:k 0 10\r\nabc", CLOSE))
     _sees(lambda: call(cache), ignore_exc, miss)
+    _dropped(cache, fake_memcached)
+
+
+@pytest.mark.parametrize("command", ["get", "set", "delete", "touch"])
+def test_a_server_that_always_hangs_up_costs_one_retry_at_most(make_cache, fake_memcached, ignore_exc, command):
+    # get/set/delete/touch are retried once when a pooled connection turns
+    # out closed; the fresh connection's failure is final.
+    cache = _cache(make_cache, fake_memcached, ignore_exc)
+    cache.get("warm")  # one pooled connection
+    call, miss, count = COMMANDS[command]
+    fake_memcached.reply(*[CLOSE] * 10)
+    _sees(lambda: call(cache), ignore_exc, miss)
+    # The warm connection (the first try), one fresh one (the retry); with
+    # IGNORE_EXC a failed set then deletes the old value, on one more.
+    assert fake_memcached.accepted == 2 + (command == "set" and ignore_exc)
     _dropped(cache, fake_memcached)
 
 

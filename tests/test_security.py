@@ -138,7 +138,7 @@ def test_tls_call_to_a_stopped_server_ends_within_timeout(make_cache, memcached_
     try:
         started = time.monotonic()
         assert cache.get("k") is None
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0  # TIMEOUT 0.5; slack for a loaded machine
     finally:
         server.resume()
     assert cache.stats()[0]["state"] == "blacklisted"
@@ -154,7 +154,7 @@ def test_tls_handshake_with_a_silent_server_ends_within_connect_timeout(make_cac
         started = time.monotonic()
         with pytest.raises(ServerError, match="connect timed out"):
             cache.get("k")
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0  # not TIMEOUT (5 s); slack for load
 
 
 def test_tls_reply_dribbled_a_byte_at_a_time_ends_within_timeout(make_cache, tls_files):
@@ -190,7 +190,7 @@ def test_tls_reply_dribbled_a_byte_at_a_time_ends_within_timeout(make_cache, tls
         started = time.monotonic()
         with pytest.raises(ServerError, match="timed out"):
             cache.get("k")
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0  # not the 6 s of the reply; slack for load
     finally:
         done.set()
         thread.join(10)

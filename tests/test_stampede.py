@@ -13,7 +13,7 @@ import pytest
 from django.core.cache.backends.memcached import PyMemcacheCache as DjangosPyMemcacheCache
 from django.core.exceptions import ImproperlyConfigured
 
-from djmemcache import DjmemcacheError
+from djmemcache import DjmemcacheError, ServerError
 from djmemcache.options import parse_options
 
 from helpers import run_threads
@@ -280,6 +280,37 @@ def test_threads_waiting_in_process_get_a_copy_of_their_own(mc1, make_cache):
     assert len({id(value) for value in seen}) == 5
 
 
+def test_child_forked_during_a_computation_does_not_wait_for_its_parents_threads(mc1, make_cache):
+    cache = make_cache(mc1.location, {"STAMPEDE_WAIT": 10})
+    computing = threading.Event()
+
+    def slow():
+        computing.set()
+        time.sleep(1)
+        return "parent's"
+
+    parent = threading.Thread(target=cache.get_or_set, args=("k", slow))
+    parent.start()
+    assert computing.wait(5)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            started = time.monotonic()
+            value = cache.get_or_set("k", lambda: "child's")
+            os.write(write, b"%s %.2f" % (value.encode(), time.monotonic() - started))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        value, seconds = pipe.read().rsplit(b" ", 1)
+    os.waitpid(pid, 0)
+    parent.join(10)
+    # The parent's computation is the winner's: the child polls it from memcached
+    # (about 1 s), instead of waiting STAMPEDE_WAIT for a thread it does not have.
+    assert value == b"parent's" and float(seconds) < 5
+
+
 def test_guard_does_not_keep_its_client_alive(mc1):
     import gc
     import weakref
@@ -321,6 +352,68 @@ def test_behind_twemproxy_get_or_set_keeps_plain_semantics_without_error(
         assert "does not speak meta commands" in caplog.text
     else:
         assert "meta" not in caplog.text  # random: never tried
+
+
+@pytest.fixture
+def scripted():
+    """``scripted(mg_reply, piece)``: a fake memcached (tests/fakeserver.py)
+    answering every ``mg`` with ``mg_reply``, in pieces of ``piece`` bytes,
+    and everything else as an empty memcached would."""
+    from fakeserver import Dribble, FakeMemcached, default_reply
+
+    servers = []
+
+    def start(mg_reply, piece=None):
+        answer = Dribble(mg_reply, every_ms=10, size=piece) if piece else mg_reply
+
+        def respond(line, data):
+            return answer if line.startswith(b"mg ") else default_reply(line, data)
+
+        servers.append(FakeMemcached().reply(*[respond] * 100))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.parametrize("reply", [
+    b"VA 999999999 f0\r\n",  # a length past MAX_VALUE_SIZE: refused before reading
+    b"VA 5 f-1\r\nhello\r\n",
+    b"VA 5\r\nhello\r\n",  # no client flags
+    b"VA 5 f0 Q\r\nhello\r\n",  # a flag not asked for
+    b"VA 5 f0\r\nhelloXX",  # no CRLF after the data
+    b"VA 5 f0\r\nhello\r\nEN\r\n",  # more than the reply
+    b"HD f0\r\n",
+    b"SERVER_ERROR out of memory\r\n",
+])
+def test_meta_get_replies_that_break_the_protocol_are_server_errors(make_cache, scripted, reply):
+    server = scripted(reply)
+    cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 1,
+                                         "BLACKLIST_TIME": 0})
+    with pytest.raises(ServerError):
+        cache.get_or_set("k", lambda: "computed")
+    lenient = make_cache(server.location, {"EARLY_REFRESH": 2, "TIMEOUT": 1, "BLACKLIST_TIME": 0})
+    assert lenient.get_or_set("k", lambda: "computed") == "computed"
+
+
+def test_meta_get_reply_in_pieces_is_read_whole(make_cache, scripted):
+    server = scripted(b"VA 5 f0 W\r\nhello\r\n", piece=3)
+    cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 2})
+    # Won the refresh (W): recomputed and set, the fresh value returned.
+    assert cache.get_or_set("k", lambda: "fresh") == "fresh"
+    miss = scripted(b"EN\r\n", piece=1)
+    cache = make_cache(miss.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 2})
+    assert cache.get_or_set("k", lambda: "computed") == "computed"
+
+
+def test_memcached_older_than_1_6_is_read_with_get_after_one_error(make_cache, scripted, caplog):
+    server = scripted(b"ERROR\r\n")
+    cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 1})
+    for _ in range(3):
+        assert cache.get_or_set("k", lambda: "computed") == "computed"
+    assert caplog.text.count("does not speak meta commands") == 1
+    assert cache.stats()[0]["state"] == "up"
 
 
 # -- failures --------------------------------------------------------------------------
