@@ -31,6 +31,7 @@ import ctypes
 import errno
 import math
 import os
+import re
 import select
 import socket
 import ssl
@@ -49,6 +50,10 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY)
 
 _monotonic = time.monotonic
+
+#: A well-formed VALUE line: key (no space or control byte, at most a reply
+#: line long), flags and length in ASCII digits (never a sign, space or "_").
+_VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]{1,%d}) (\d{1,20}) (\d{1,20})\r\n" % MAX_LINE)
 
 
 class IOTimeout(Exception):
@@ -488,41 +493,45 @@ class Connection:
         found = {}
         max_value = self.max_value_size
         while True:
-            eol = buf.find(b"\r\n", pos)
-            while eol < 0:
-                if len(buf) - pos > MAX_LINE:
+            value_line = _VALUE_LINE.match(buf, pos)
+            if value_line is not None:
+                # The usual line, checked and split in one C call.
+                wire, field, size = value_line.groups()
+                start = value_line.end()
+            else:
+                eol = buf.find(b"\r\n", pos)
+                while eol < 0:
+                    if len(buf) - pos > MAX_LINE:
+                        raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
+                    buf = buf[pos:] + self._recv(deadline)
+                    pos = 0
+                    eol = buf.find(b"\r\n")
+                if eol - pos > MAX_LINE:
                     raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
-                buf = buf[pos:] + self._recv(deadline)
-                pos = 0
-                eol = buf.find(b"\r\n")
-            if eol - pos > MAX_LINE:
-                raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
-            if eol == pos + 3 and buf.startswith(b"END", pos):
-                if eol + 2 != len(buf):
-                    raise ProtocolError("unexpected data after END: %r" % buf[eol + 2:eol + 66])
-                self.hits += len(found)
-                self.misses += len(keys_by_wire) - len(found)
-                return found
-            line = buf[pos:eol]
-            parts = line.split(b" ")
-            if parts[0] != b"VALUE":
-                _raise_error_line(line)
-            if len(parts) != 4:
-                raise ProtocolError("malformed VALUE line %r" % line[:64])
-            # _check_digits inlined: this runs for every key of a multi-key reply.
-            field, size = parts[2], parts[3]
-            if not (field.isdigit() and size.isdigit() and len(field) <= 20 and len(size) <= 20):
+                if eol == pos + 3 and buf.startswith(b"END", pos):
+                    if eol + 2 != len(buf):
+                        raise ProtocolError("unexpected data after END: %r" % buf[eol + 2:eol + 66])
+                    self.hits += len(found)
+                    self.misses += len(keys_by_wire) - len(found)
+                    return found
+                line = buf[pos:eol]
+                parts = line.split(b" ")
+                if parts[0] != b"VALUE":
+                    _raise_error_line(line)
+                if len(parts) != 4:
+                    raise ProtocolError("malformed VALUE line %r" % line[:64])
+                _, wire, field, size = parts
                 _check_digits(field, "flags")
                 _check_digits(size, "value length")
+                start = eol + 2
             flags = int(field)
             length = int(size)
             if length > max_value:
                 raise ProtocolError("the server declares a %d-byte value (MAX_VALUE_SIZE is %d)"
                                     % (length, max_value))
-            key = keys_by_wire.get(parts[1])
+            key = keys_by_wire.get(wire)
             if key is None or key in found:
-                raise ProtocolError("reply for a key not asked for: %r" % parts[1][:64])
-            start = eol + 2
+                raise ProtocolError("reply for a key not asked for: %r" % wire[:64])
             end = start + length
             if end + 2 > len(buf):
                 # A value that has not all arrived: read exactly the rest, in
@@ -536,7 +545,7 @@ class Connection:
                 buf = b"".join(chunks)
                 start, end = 0, length
             if buf[end:end + 2] != b"\r\n":
-                raise ProtocolError("data block not followed by CRLF for %r" % parts[1][:64])
+                raise ProtocolError("data block not followed by CRLF for %r" % wire[:64])
             found[key] = (buf[start:end], flags)
             pos = end + 2
 
