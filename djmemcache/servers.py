@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ except ImportError:  # pragma: no cover - mmh3 is a dependency; keep working wit
 logger = logging.getLogger("djmemcache.servers")
 
 DEFAULT_PORT = 11211
+_HOST = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,14 @@ def parse_server(spec):
     '/run/mc.sock'
     >>> parse_server("/run/mc.sock").node
     '/run/mc.sock'
+    >>> parse_server("[fe80::1%eth0]:11211").address
+    ('fe80::1%eth0', 11211)
+    >>> parse_server("h ost:11211")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: host name may only have ASCII letters, digits, '.', '-' and '_' ...: 'h ost:11211'
+    >>> parse_server("host:1_1211")  # int() would take it, and full-width digits
+    Traceback (most recent call last):
+    ValueError: port is not a number (ASCII digits) in 'host:1_1211'
     """
     if not isinstance(spec, str):
         raise ValueError("a server must be a string such as '127.0.0.1:11211', got %r" % (spec,))
@@ -64,17 +77,32 @@ def parse_server(spec):
         path = spec[5:] if spec.startswith("unix:") else spec
         if not path.startswith("/"):
             raise ValueError("unix socket path must be absolute: %r" % spec)
+        if _CONTROL.search(path):
+            raise ValueError("control character in unix socket path %r" % spec)
         return Server(spec, path, path)
     if spec.startswith("[") and "]" not in spec:
         raise ValueError("unclosed '[' in IPv6 address %r" % spec)
     if spec.count(":") > 1 and not spec.startswith("["):
         raise ValueError("write IPv6 addresses in brackets, e.g. '[::1]:11211', not %r" % spec)
-    try:
-        host, port = normalize_server_spec(spec)
-    except ValueError:
-        raise ValueError("port is not a number in %r" % spec) from None
+    # pymemcache's parser below takes whatever int() and the resolver take:
+    # "1_1211", full-width digits, "h ost". Only plain forms get through.
+    if spec.startswith("["):
+        host, _, port = spec[1:].partition("]")
+        host_ok = _IPV6.match(host)
+        if port and not port.startswith(":"):
+            raise ValueError("expected ':port' after ']' in %r" % spec)
+        port = port[1:]
+    else:
+        host, _, port = spec.partition(":")
+        host_ok = _HOST.match(host)
     if not host:
         raise ValueError("missing host in %r" % spec)
+    if not host_ok:
+        raise ValueError("host name may only have ASCII letters, digits, '.', '-' and '_' "
+                         "(an international name in its xn-- form): %r" % spec)
+    if ":" in spec.rpartition("]")[2] and not _PORT.match(port):
+        raise ValueError("port is not a number (ASCII digits) in %r" % spec)
+    host, port = normalize_server_spec(spec)
     if not 0 < port < 65536:
         raise ValueError("port out of range in %r" % spec)
     return Server(spec, (host, port), "%s:%s" % (host, port))
