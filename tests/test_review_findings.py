@@ -153,3 +153,50 @@ def test_plain_location_forms_still_reach_memcached(make_cache, mc1):
         cache = make_cache(location, {"TIMEOUT": 1})
         cache.set("k", location)
         assert cache.get("k") == location
+
+
+# -- finding 8: seconds options that reach poll or the kernel ------------------------
+
+@pytest.mark.parametrize("name, value", [
+    ("TIMEOUT", 1e10), ("TIMEOUT", 3e6), ("TIMEOUT", 86400.5), ("TIMEOUT", 1e-7), ("TIMEOUT", 0.0009),
+    ("CONNECT_TIMEOUT", 1e7), ("CONNECT_TIMEOUT", 1e-9),
+    ("POOL_TIMEOUT", 1e12), ("POOL_TIMEOUT", -0.1),
+    ("BLACKLIST_TIME", 1e300), ("POOL_IDLE_TIMEOUT", 1e300),
+    ("STAMPEDE_WAIT", 1e-9), ("STAMPEDE_WAIT", 3601),
+    ("USE_POOLING", 1.0), ("IGNORE_EXC", 0.0), ("MAX_POOL_SIZE", 2**70),
+])
+def test_seconds_options_out_of_range_are_refused_naming_the_option(make_cache, mc1, name, value):
+    from django.core.exceptions import ImproperlyConfigured
+
+    cache = make_cache(mc1.location, {name: value})
+    with pytest.raises(ImproperlyConfigured, match="OPTIONS\\[%r\\] = " % name):
+        cache.get("k")
+
+
+@pytest.mark.parametrize("options", [
+    {"TIMEOUT": 86400, "CONNECT_TIMEOUT": 86400, "POOL_TIMEOUT": 86400, "BLACKLIST_TIME": 86400},
+    {"TIMEOUT": 0.001, "CONNECT_TIMEOUT": 0.001, "POOL_TIMEOUT": 0, "BLACKLIST_TIME": 0},
+    {"TIMEOUT": None, "CONNECT_TIMEOUT": None, "POOL_TIMEOUT": None, "POOL_IDLE_TIMEOUT": 86400},
+])
+def test_seconds_options_at_the_ends_of_their_range_work_on_memcached(make_cache, mc1, options):
+    cache = make_cache(mc1.location, options)
+    cache.set("k", "v")
+    assert cache.get("k") == "v"
+    assert cache.get_many(["k"]) == {"k": "v"}
+
+
+def test_shortest_timeout_still_times_out_a_stopped_server(make_cache, memcached_factory):
+    import threading
+
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 0.001, "CONNECT_TIMEOUT": 1})
+    cache.set("k", "v")
+    server.pause()
+    try:
+        result = []
+        thread = threading.Thread(target=lambda: result.append(cache.get("k", "miss")), daemon=True)
+        thread.start()
+        thread.join(30)  # far more than a millisecond: SO_RCVTIMEO 0 would wait forever
+        assert result == ["miss"]
+    finally:
+        server.resume()
