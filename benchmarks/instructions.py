@@ -98,13 +98,20 @@ def main(argv=None):
         sys.exit("valgrind is not installed (apt-get install valgrind)")
     from memcached import MemcachedProcess
 
+    backends = args.backends.split(",")
+    if "pylibmc" in backends:
+        try:
+            import pylibmc  # noqa: F401
+        except ImportError:
+            print("pylibmc is not installed (`make bench` installs it): its rows are left out")
+            backends.remove("pylibmc")
     servers = [MemcachedProcess().start() for _ in range(3)]
     keep = args.keep or tempfile.mkdtemp(prefix="djmemcache-callgrind-")
     os.makedirs(keep, exist_ok=True)
     try:
         locations = [s.location for s in servers]
         for workload in args.only.split(","):
-            for backend in args.backends.split(","):
+            for backend in backends:
                 base = count_instructions(backend, workload, locations, 0, keep)
                 total = count_instructions(backend, workload, locations, args.calls, keep)
                 print("%-18s %-11s %10.1f k instructions per call" % (

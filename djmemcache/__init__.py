@@ -11,6 +11,7 @@ Settings::
 
 from djmemcache.exceptions import (
     DjmemcacheError,
+    NonNumericValue,
     NoServerAvailable,
     PoolTimeout,
     ServerError,
@@ -20,6 +21,7 @@ __version__ = "1.0.0"
 
 __all__ = [
     "DjmemcacheError",
+    "NonNumericValue",
     "NoServerAvailable",
     "PoolTimeout",
     "ServerError",

@@ -48,6 +48,16 @@ def _options_for(server, params):
     return options
 
 
+def _utf8(key):
+    """``key`` in UTF-8, as it goes on the wire; ``InvalidCacheKey`` when it
+    has none (a lone surrogate such as ``"\ud800"``), before anything is sent."""
+    try:
+        return key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidCacheKey("Cache key is not valid Unicode (it has a lone surrogate) "
+                              "and cannot be sent to memcached: %r" % key) from None
+
+
 class _Misconfigured:
     """Stands in for the options of a backend built with bad settings.
 
@@ -146,7 +156,7 @@ class PyMemcacheCache(BaseMemcachedCache):
         if _BAD_KEY_CHAR.search(key) is None and (
             len(key) <= self._max_key_bytes
             if key.isascii()
-            else allow_unicode_keys and len(key.encode("utf-8")) <= self._max_key_bytes
+            else allow_unicode_keys and len(_utf8(key)) <= self._max_key_bytes
         ):
             return
         for warning in memcache_key_warnings(key):

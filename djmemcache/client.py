@@ -26,7 +26,13 @@ from djmemcache.connection import (
     ProtocolError,
     tls_context_for,
 )
-from djmemcache.exceptions import DjmemcacheError, NoServerAvailable, PoolTimeout, ServerError
+from djmemcache.exceptions import (
+    DjmemcacheError,
+    NonNumericValue,
+    NoServerAvailable,
+    PoolTimeout,
+    ServerError,
+)
 from djmemcache.pool import HostPool
 from djmemcache.serializer import CorruptValue, serializer_for
 from djmemcache.servers import Blacklist, Rendezvous
@@ -479,14 +485,20 @@ class Client:
 
     def incr(self, key, delta):
         """New value (``delta`` < 0 decrements), or None when the key is
-        missing or, ignoring errors, the server failed."""
+        missing or, ignoring errors, the server failed; ``NonNumericValue``
+        when the value is not a counter."""
         if type(delta) is not int or abs(delta) > DELTA_MAX:
             raise ValueError("incr/decr delta must be a whole number from -%d to %d, not %r"
                              % (DELTA_MAX, DELTA_MAX, delta))
         try:
-            return self._call(self._index_for(key), "incr", Connection.incr, key, delta)
+            value = self._call(self._index_for(key), "incr", _incr, key, delta)
         except DjmemcacheError as exc:
             return self._failed(exc, "incr", None)
+        if value is _NON_NUMERIC:
+            raise NonNumericValue(
+                "cannot %s key %r: memcached holds a value that is not a whole number from 0 "
+                "to 2**64 - 1" % ("decrement" if delta < 0 else "increment", key))
+        return value
 
     def flush_all(self):
         for index in self.blacklist.live:
@@ -537,6 +549,22 @@ class Client:
 
 def _first(pair):
     return pair[0]
+
+
+_NON_NUMERIC = object()
+_NON_NUMERIC_REPLY = "CLIENT_ERROR cannot increment or decrement non-numeric value"
+
+
+def _incr(conn, key, delta):
+    """``Connection.incr``, where memcached's refusal of a non-numeric value
+    is a result: the reply is complete and well-formed, so the connection is
+    kept and no server is blamed (the caller gets ``NonNumericValue``)."""
+    try:
+        return conn.incr(key, delta)
+    except ErrorReply as exc:
+        if str(exc) == _NON_NUMERIC_REPLY:
+            return _NON_NUMERIC
+        raise
 
 
 class _Roundtrip:

@@ -31,10 +31,10 @@ import ctypes
 import errno
 import math
 import os
+import re
 import select
 import socket
 import ssl
-import struct
 import sys
 import time
 
@@ -50,6 +50,10 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY)
 
 _monotonic = time.monotonic
+
+#: A well-formed VALUE line: key (no space or control byte, at most a reply
+#: line long), flags and length in ASCII digits (never a sign, space or "_").
+_VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]{1,%d}) (\d{1,20}) (\d{1,20})\r\n" % MAX_LINE)
 
 
 class IOTimeout(Exception):
@@ -222,10 +226,6 @@ class Connection:
         self._recv_now = None  # a ctypes view of the receive buffer, when reads keep the GIL
         self._green = False
         self._tls = False
-        # The first recv of a command blocks in the kernel, bounded by
-        # SO_RCVTIMEO (one syscall, one GIL hand-off); later ones wait on
-        # the time left. Only for plain sockets outside gevent.
-        self._kernel_first_recv = False
 
     def deadline(self):
         """When a command started now must be over (None: no TIMEOUT)."""
@@ -261,8 +261,6 @@ class Connection:
                 sock = self._handshake(sock, address[0], deadline, green)
             elif not green:
                 sock.setblocking(True)
-                if self.timeout is not None:
-                    _set_kernel_timeouts(sock, self.timeout)
             else:
                 sock.settimeout(None)  # gevent: cooperative; our waits bound it
         except BaseException:
@@ -272,7 +270,6 @@ class Connection:
         self.sock = sock
         self._green = green
         self._tls = self.tls_context is not None
-        self._kernel_first_recv = not (green or self._tls)
         self._poller = _stdlib_poll()()
         self._poller.register(sock, select.POLLIN)
         # Not for TLS: the bytes must go through the SSL layer.
@@ -377,6 +374,8 @@ class Connection:
                 received = _recv_without_releasing_gil(
                     sock.fileno(), self._recv_now, _size_t(min(size, RECV_NOW_SIZE)), _RECV_NOW_FLAGS)
                 if received > 0:
+                    if deadline is not None and _monotonic() > deadline + self.timeout:
+                        _flooded()
                     return self._rview[:received].tobytes()
                 if received == 0:
                     raise ConnectionClosed("connection closed by the server")
@@ -399,16 +398,24 @@ class Connection:
             data = sock.recv(size)
         if not data:
             raise ConnectionClosed("connection closed by the server")
+        if deadline is not None and _monotonic() > deadline + self.timeout:
+            _flooded()
         return data
 
-    def _recv_first(self):
-        """The first ``recv`` of a one-server command: in the kernel when it can."""
-        if self._kernel_first_recv:
-            data = self.sock.recv(RECV_SIZE)  # SO_RCVTIMEO: EAGAIN -> BlockingIOError
-            if not data:
-                raise ConnectionClosed("connection closed by the server")
-            return data
-        return self._recv(self.deadline())
+    def _recv_first(self, deadline):
+        """The first ``recv`` of a one-server command.
+
+        Right after the send the reply is almost never there yet, so it
+        waits first: one ``poll`` (the one GIL hand-off), then a ``recv``
+        that finds the bytes. Not a blocking ``recv`` bounded by the kernel's
+        SO_RCVTIMEO: Python restarts that after every signal, and a kernel
+        timeout restarts with it, so a process receiving signals (a
+        profiler's, a watchdog's, SIGSTOP/SIGCONT) waited on a hung server
+        until the signals stopped; ``poll`` is restarted with the time left.
+        """
+        if self._recv_now is not None and not self._green:
+            _wait(self.sock, select.POLLIN, deadline, False, self._poller)
+        return self._recv(deadline)
 
     def _read_line(self, deadline):
         """One reply line, without its CRLF."""
@@ -463,7 +470,7 @@ class Connection:
         wire = self.key_prefix + key.encode("utf-8")
         deadline = self.deadline()
         self._send(b"get " + wire + b"\r\n", deadline)
-        buf = self._recv_first()
+        buf = self._recv_first(deadline)
         if buf == b"END\r\n":
             self.misses += 1
             return None
@@ -486,41 +493,45 @@ class Connection:
         found = {}
         max_value = self.max_value_size
         while True:
-            eol = buf.find(b"\r\n", pos)
-            while eol < 0:
-                if len(buf) - pos > MAX_LINE:
+            value_line = _VALUE_LINE.match(buf, pos)
+            if value_line is not None:
+                # The usual line, checked and split in one C call.
+                wire, field, size = value_line.groups()
+                start = value_line.end()
+            else:
+                eol = buf.find(b"\r\n", pos)
+                while eol < 0:
+                    if len(buf) - pos > MAX_LINE:
+                        raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
+                    buf = buf[pos:] + self._recv(deadline)
+                    pos = 0
+                    eol = buf.find(b"\r\n")
+                if eol - pos > MAX_LINE:
                     raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
-                buf = buf[pos:] + self._recv(deadline)
-                pos = 0
-                eol = buf.find(b"\r\n")
-            if eol - pos > MAX_LINE:
-                raise ProtocolError("reply line longer than %d bytes" % MAX_LINE)
-            if eol == pos + 3 and buf.startswith(b"END", pos):
-                if eol + 2 != len(buf):
-                    raise ProtocolError("unexpected data after END: %r" % buf[eol + 2:eol + 66])
-                self.hits += len(found)
-                self.misses += len(keys_by_wire) - len(found)
-                return found
-            line = buf[pos:eol]
-            parts = line.split(b" ")
-            if parts[0] != b"VALUE":
-                _raise_error_line(line)
-            if len(parts) != 4:
-                raise ProtocolError("malformed VALUE line %r" % line[:64])
-            # _check_digits inlined: this runs for every key of a multi-key reply.
-            field, size = parts[2], parts[3]
-            if not (field.isdigit() and size.isdigit() and len(field) <= 20 and len(size) <= 20):
+                if eol == pos + 3 and buf.startswith(b"END", pos):
+                    if eol + 2 != len(buf):
+                        raise ProtocolError("unexpected data after END: %r" % buf[eol + 2:eol + 66])
+                    self.hits += len(found)
+                    self.misses += len(keys_by_wire) - len(found)
+                    return found
+                line = buf[pos:eol]
+                parts = line.split(b" ")
+                if parts[0] != b"VALUE":
+                    _raise_error_line(line)
+                if len(parts) != 4:
+                    raise ProtocolError("malformed VALUE line %r" % line[:64])
+                _, wire, field, size = parts
                 _check_digits(field, "flags")
                 _check_digits(size, "value length")
+                start = eol + 2
             flags = int(field)
             length = int(size)
             if length > max_value:
                 raise ProtocolError("the server declares a %d-byte value (MAX_VALUE_SIZE is %d)"
                                     % (length, max_value))
-            key = keys_by_wire.get(parts[1])
+            key = keys_by_wire.get(wire)
             if key is None or key in found:
-                raise ProtocolError("reply for a key not asked for: %r" % parts[1][:64])
-            start = eol + 2
+                raise ProtocolError("reply for a key not asked for: %r" % wire[:64])
             end = start + length
             if end + 2 > len(buf):
                 # A value that has not all arrived: read exactly the rest, in
@@ -534,7 +545,7 @@ class Connection:
                 buf = b"".join(chunks)
                 start, end = 0, length
             if buf[end:end + 2] != b"\r\n":
-                raise ProtocolError("data block not followed by CRLF for %r" % parts[1][:64])
+                raise ProtocolError("data block not followed by CRLF for %r" % wire[:64])
             found[key] = (buf[start:end], flags)
             pos = end + 2
 
@@ -594,7 +605,7 @@ class Connection:
         deadline = self.deadline()
         self._send(b"%s %s %d %d %d\r\n%s\r\n" % (
             command, self.key_prefix + key.encode("utf-8"), flags, expire, len(data), data), deadline)
-        line = self._recv_first()
+        line = self._recv_first(deadline)
         if line == b"STORED\r\n":
             return None
         (line,) = self._read_lines(1, deadline, line)
@@ -606,11 +617,23 @@ class Connection:
             if deadline is None:
                 deadline = self.deadline()
             buf = self._recv(deadline)
-        limit = count * MAX_LINE
-        while buf.count(b"\r\n") < count:
-            if len(buf) > limit:
-                raise ProtocolError("reply longer than %d lines allow" % count)
-            buf += self._recv(deadline)
+        seen = buf.count(b"\r\n")
+        if seen < count:
+            # Count line ends in each new chunk only (a CRLF may straddle two):
+            # counting the whole reply again per chunk was quadratic.
+            limit = count * MAX_LINE
+            chunks = [buf]
+            size = len(buf)
+            last = buf
+            while seen < count:
+                if size > limit:
+                    raise ProtocolError("reply longer than %d lines allow" % count)
+                chunk = self._recv(deadline)
+                seen += chunk.count(b"\r\n") + (last[-1:] == b"\r" and chunk[:1] == b"\n")
+                chunks.append(chunk)
+                size += len(chunk)
+                last = chunk
+            buf = b"".join(chunks)
         lines = buf.split(b"\r\n")
         if len(lines) != count + 1 or lines[-1]:
             raise ProtocolError("unexpected data after reply: %r" % buf[-64:])
@@ -710,7 +733,7 @@ class Connection:
         """
         deadline = self.deadline()
         self._send(b"mg %s v f R%d\r\n" % (self._wire(key), recache), deadline)
-        buf = self._recv_first()
+        buf = self._recv_first(deadline)
         if buf == b"EN\r\n":
             self.misses += 1
             return None
@@ -756,15 +779,7 @@ def _store_outcome(line):
     _raise_error_line(line)
 
 
-def _set_kernel_timeouts(sock, timeout):
-    """TIMEOUT for the first recv of a command, in the kernel (SO_RCVTIMEO).
-
-    CPython polls before every recv on a socket that has a Python timeout:
-    two syscalls and two GIL hand-offs per call instead of one, which under
-    threads shows up as context switches. A timed-out recv raises
-    ``BlockingIOError`` (EAGAIN), which the client treats as a timeout.
-    """
-    seconds = int(timeout)
-    timeval = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+def _flooded():
+    """A reply still arriving at twice TIMEOUT: whatever the server declares,
+    the call ends (a flood of lines would otherwise hold it, and the GIL)."""
+    raise IOTimeout("reply still arriving at twice TIMEOUT")

@@ -4,6 +4,8 @@ Caller mistakes keep Django's types (``InvalidCacheKey``, ``ValueError`` for
 ``incr`` on a missing key, ``ImproperlyConfigured`` for bad settings).
 """
 
+from pymemcache.exceptions import MemcacheClientError
+
 
 class DjmemcacheError(Exception):
     """Base class of the errors raised by djmemcache."""
@@ -47,3 +49,15 @@ class PoolTimeout(DjmemcacheError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.server))
+
+
+class NonNumericValue(ValueError, MemcacheClientError):
+    """``incr``/``decr`` of a value memcached cannot count with.
+
+    memcached increments only decimal digits of an unsigned 64-bit number
+    (an ``int`` from 0 to 2**64 - 1 set through the cache); a string, a
+    pickled value or a negative number is refused. The caller's mistake, not
+    the server's: raised whatever ``IGNORE_EXC``, and the connection is kept.
+    A ``ValueError``, as Django's ``incr`` raises, and pymemcache's
+    ``MemcacheClientError``, as Django's ``PyMemcacheCache`` raises.
+    """

@@ -22,6 +22,8 @@ DEFAULT_LOCATION = "127.0.0.1:11211"
 DISTRIBUTIONS = ("consistent", "random")
 DEFAULT_MAX_VALUE_SIZE = 1024 * 1024
 MAX_STAMPEDE_WAIT = 3600
+MIN_SECONDS = 0.001  # the shortest TIMEOUT-like wait: a millisecond (poll's unit)
+MAX_SECONDS = 86400.0  # the longest: a day
 
 
 @dataclass(frozen=True)
@@ -104,18 +106,25 @@ def _bad(name, value, expected):
     )
 
 
-def _number(name, value, minimum=0.0, allow_none=False, positive=False):
+def _seconds(name, value, minimum=0.0, maximum=MAX_SECONDS, allow_none=False):
+    """A number of seconds from ``minimum`` to ``maximum``.
+
+    Bounded both ways because these reach ``poll`` and the kernel: past about
+    2.1e6 s ``poll``'s milliseconds overflow (a raw OverflowError on every
+    call), and below a microsecond ``SO_RCVTIMEO`` rounds to 0, which means
+    wait forever. A day is longer than anyone waits on memcached.
+    """
     if value is None and allow_none:
         return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (positive and value <= 0):
-        expected = "a number of seconds %s %s" % (">" if positive else ">=", minimum)
+    if not ok or not minimum <= value <= maximum:
+        expected = "a number of seconds from %g to %g" % (minimum, maximum)
         raise _bad(name, value, expected + (" or None" if allow_none else ""))
     return float(value)
 
 
 def _flag(name, value):
-    if isinstance(value, bool) or value in (0, 1):
+    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
         return bool(value)
     raise _bad(name, value, "True or False")
 
@@ -191,16 +200,16 @@ def parse_options(location, options=None, clock=None):
     parsed = {}
     for name, value in values.items():
         if name == "max_pool_size":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _bad(name, value, "a whole number >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31:
+                raise _bad(name, value, "a whole number from 1 to 2**31")
         elif name == "key_prefix":
             value = _key_prefix(value)
         elif name in ("timeout", "connect_timeout"):
-            value = _number(name, value, allow_none=True, positive=True)
-        elif name == "pool_timeout":
-            value = _number(name, value, allow_none=True)
-        elif name in ("blacklist_time", "pool_idle_timeout"):
-            value = _number(name, value)
+            value = _seconds(name, value, MIN_SECONDS, allow_none=True)
+        elif name == "pool_timeout":  # 0: never wait for a free connection
+            value = _seconds(name, value, allow_none=True)
+        elif name in ("blacklist_time", "pool_idle_timeout"):  # 0: off
+            value = _seconds(name, value)
         elif name == "serializer":
             value = _serializer(value)
         elif name == "max_value_size":
@@ -208,9 +217,8 @@ def parse_options(location, options=None, clock=None):
                 raise _bad(name, value, "a whole number of bytes from 1 to 2**31 - 3 "
                                         "(memcached's item size limit, its -I option)")
         elif name == "stampede_wait":
-            value = _number(name, value, positive=True)
-            if value > MAX_STAMPEDE_WAIT:
-                raise _bad(name, value, "at most %d seconds (it is also the lock's lifetime)" % MAX_STAMPEDE_WAIT)
+            # At most an hour: it is also the lifetime of the lock.
+            value = _seconds(name, value, MIN_SECONDS, MAX_STAMPEDE_WAIT)
         elif name == "early_refresh":
             if isinstance(value, bool) or not isinstance(value, int) or value == 1 or not 0 <= value < 2**31:
                 raise _bad(name, value, "0 (off) or a whole number of seconds >= 2 (memcached counts "

@@ -10,7 +10,10 @@ On top, optional and in this order when writing: compression
 (``COMPRESS_MIN_LENGTH``; zlib sets pymemcache's ``FLAG_COMPRESSED``, so
 pymemcache's ``CompressedSerde`` reads it too) and an HMAC signature
 (``SIGN_VALUES``): a signed item whose signature is missing or wrong is never
-decoded, so a forged pickle in memcached cannot run code.
+decoded, so a forged pickle in memcached cannot run code. Exact ``int``s are
+the exception: they stay plain digits with ``FLAG_INTEGER``, unsigned, since
+memcached's ``incr``/``decr`` must read and rewrite them in place; such an
+item is only ever parsed with ``int()``, never handed to the format.
 
 Unlike pymemcache's serde, an item that cannot be decoded (unknown flags,
 corrupt pickle or JSON, truncated compressed data, bad signature) raises
@@ -39,6 +42,7 @@ FLAG_SIGNED = 1 << 7
 
 _MAC_SIZE = 32  # HMAC-SHA256
 _MAC_SALT = "djmemcache.serializer.signed-value"
+_INCR_MAX = 2**64 - 1  # memcached's counters: unsigned 64-bit
 
 #: A compressed item inflates to at most this many times MAX_VALUE_SIZE
 #: (32 MB by default). A few hundred bytes of zlib, or a few of zstd, can
@@ -152,6 +156,13 @@ class Serializer:
     def dumps(self, key, value):
         """Return ``(data, flags)``; raise ``TypeError``/``pickle.PicklingError``
         for values that cannot be stored, before anything is sent."""
+        if self.signing_keys and type(value) is int and 0 <= value <= _INCR_MAX:
+            # Unsigned, uncompressed digits, whatever the format, so that
+            # incr/decr work (memcached cannot keep a signature valid). Safe:
+            # an unsigned item is accepted only with exactly FLAG_INTEGER and
+            # read with int() (``_verified_int``), which runs no code; at worst
+            # whoever can write to memcached sets a counter, as incr can.
+            return b"%d" % value, FLAG_INTEGER
         data, flags = self.format.dumps(value)
         if self.compress_min_length and self.compress_min_length <= len(data) <= self.max_inflated:
             if self.compressor == "zstd":
@@ -169,6 +180,8 @@ class Serializer:
         """The value of an item, or ``CorruptValue``."""
         try:
             if self.signing_keys:
+                if flags == FLAG_INTEGER:
+                    return _verified_int(data)
                 data = self._verified(key, data, flags)
                 flags &= ~FLAG_SIGNED
             if flags & FLAG_COMPRESSED:
@@ -254,6 +267,16 @@ def serializer_for(options):
             keys = (settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ()))
     return Serializer(fmt, options.compress_min_length, options.compressor, keys,
                       options.max_value_size * INFLATE_FACTOR)
+
+
+def _verified_int(data):
+    """The value of an unsigned integer item under SIGN_VALUES, parsed by
+    ``int()`` alone: ASCII digits, at most 20 (a 64-bit counter), then the
+    spaces memcached pads with when ``decr`` shortens a value in place."""
+    digits = data.rstrip(b" ")
+    if not digits.isdigit() or len(digits) > 20:
+        raise CorruptValue("an unsigned integer item that is not a counter")
+    return int(digits)
 
 
 def _inflate(data, limit):

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ except ImportError:  # pragma: no cover - mmh3 is a dependency; keep working wit
 logger = logging.getLogger("djmemcache.servers")
 
 DEFAULT_PORT = 11211
+_HOST = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,14 @@ def parse_server(spec):
     '/run/mc.sock'
     >>> parse_server("/run/mc.sock").node
     '/run/mc.sock'
+    >>> parse_server("[fe80::1%eth0]:11211").address
+    ('fe80::1%eth0', 11211)
+    >>> parse_server("h ost:11211")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: host name may only have ASCII letters, digits, '.', '-' and '_' ...: 'h ost:11211'
+    >>> parse_server("host:1_1211")  # int() would take it, and full-width digits
+    Traceback (most recent call last):
+    ValueError: port is not a number (ASCII digits) in 'host:1_1211'
     """
     if not isinstance(spec, str):
         raise ValueError("a server must be a string such as '127.0.0.1:11211', got %r" % (spec,))
@@ -64,17 +77,32 @@ def parse_server(spec):
         path = spec[5:] if spec.startswith("unix:") else spec
         if not path.startswith("/"):
             raise ValueError("unix socket path must be absolute: %r" % spec)
+        if _CONTROL.search(path):
+            raise ValueError("control character in unix socket path %r" % spec)
         return Server(spec, path, path)
     if spec.startswith("[") and "]" not in spec:
         raise ValueError("unclosed '[' in IPv6 address %r" % spec)
     if spec.count(":") > 1 and not spec.startswith("["):
         raise ValueError("write IPv6 addresses in brackets, e.g. '[::1]:11211', not %r" % spec)
-    try:
-        host, port = normalize_server_spec(spec)
-    except ValueError:
-        raise ValueError("port is not a number in %r" % spec) from None
+    # pymemcache's parser below takes whatever int() and the resolver take:
+    # "1_1211", full-width digits, "h ost". Only plain forms get through.
+    if spec.startswith("["):
+        host, _, port = spec[1:].partition("]")
+        host_ok = _IPV6.match(host)
+        if port and not port.startswith(":"):
+            raise ValueError("expected ':port' after ']' in %r" % spec)
+        port = port[1:]
+    else:
+        host, _, port = spec.partition(":")
+        host_ok = _HOST.match(host)
     if not host:
         raise ValueError("missing host in %r" % spec)
+    if not host_ok:
+        raise ValueError("host name may only have ASCII letters, digits, '.', '-' and '_' "
+                         "(an international name in its xn-- form): %r" % spec)
+    if ":" in spec.rpartition("]")[2] and not _PORT.match(port):
+        raise ValueError("port is not a number (ASCII digits) in %r" % spec)
+    host, port = normalize_server_spec(spec)
     if not 0 < port < 65536:
         raise ValueError("port out of range in %r" % spec)
     return Server(spec, (host, port), "%s:%s" % (host, port))
@@ -172,18 +200,27 @@ class Blacklist:
     claims each probe (``claim_probe``), which either brings the server back
     (``restore``) or schedules the next one (``probe_failed``).
 
+    A probe only asks ``version``: a server can pass it and still time out
+    on every real command. So a restored server keeps its back-off until it
+    has stayed in service for ``max(settle_time, its last delay)``: banned
+    again before that, its next probe waits twice as long as the last one,
+    instead of a second again (which banned such a server every second,
+    each time after the calls in flight waited TIMEOUT for it).
+
     All changes happen under one lock. ``state`` is an immutable
     ``(live, next_probe)`` pair replaced whole, so the hot path reads it
     once, without locking, and never sees half an update.
     """
 
-    def __init__(self, servers, blacklist_time, clock=time.monotonic, first_delay=1.0):
+    def __init__(self, servers, blacklist_time, clock=time.monotonic, first_delay=1.0, settle_time=10.0):
         self.servers = tuple(servers)
         self.blacklist_time = blacklist_time
         self.first_delay = min(first_delay, blacklist_time)
+        self.settle_time = settle_time
         self.clock = clock
         self._lock = threading.Lock()
         self._banned = {}  # index -> _Ban
+        self._restored = {}  # index -> (when, failures) of servers restored lately
         self.state = (tuple(range(len(self.servers))), None)
 
     @property
@@ -205,13 +242,23 @@ class Blacklist:
             if index in self._banned:
                 self._banned[index].reason = reason
                 return False
-            self._banned[index] = _Ban(self.clock() + self.first_delay, reason)
+            now = self.clock()
+            failures = 0
+            restored = self._restored.pop(index, None)
+            if restored is not None and now - restored[0] < max(self.settle_time, self._delay(restored[1])):
+                failures = restored[1] + 1  # it failed again soon after its probe passed
+            delay = self._delay(failures)
+            self._banned[index] = _Ban(now + delay, reason, failures)
             self._update()
         logger.warning(
-            "memcached server %s blacklisted (first probe in %ss): %s",
-            self.servers[index], self.first_delay, reason,
+            "memcached server %s blacklisted (%s in %ss): %s", self.servers[index],
+            "next probe" if failures else "first probe", delay, reason,
         )
         return True
+
+    def _delay(self, failures):
+        """Seconds until the next probe after ``failures`` failures in a row."""
+        return min(self.first_delay * 2 ** min(failures, 30), self.blacklist_time)
 
     def probe_failed(self, index, reason):
         """The probe of ``index`` failed: wait twice as long before the next one."""
@@ -222,7 +269,7 @@ class Blacklist:
             entry.failures += 1
             entry.reason = reason
             entry.prober = None
-            delay = min(self.first_delay * 2 ** min(entry.failures, 30), self.blacklist_time)
+            delay = self._delay(entry.failures)
             entry.until = self.clock() + delay
             self._update()
         logger.info("memcached server %s still down, next probe in %.3gs: %s",
@@ -231,6 +278,8 @@ class Blacklist:
     def restore(self, index):
         with self._lock:
             entry = self._banned.pop(index, None)
+            if entry is not None:
+                self._restored[index] = (self.clock(), entry.failures)
             self._update()
         if entry is not None:
             logger.warning("memcached server %s is back in service", self.servers[index])
@@ -269,8 +318,8 @@ class Blacklist:
 class _Ban:
     __slots__ = ("until", "reason", "failures", "prober")
 
-    def __init__(self, until, reason):
+    def __init__(self, until, reason, failures=0):
         self.until = until
         self.reason = reason
-        self.failures = 0
+        self.failures = failures  # failed probes, and failures soon after a passed one
         self.prober = None  # pid of the process whose thread probes it now

@@ -152,16 +152,30 @@ class Guard:
         value = client._decode(key, (data, flags))
         if not won or value is MISS:
             return value
-        # This caller won the refresh: the others keep reading ``value``.
+        # This caller won the refresh: the others keep reading ``value``. It
+        # also takes the lock, so that if the value expires before the fresh
+        # one is set (a slow computation, a late clock), callers who miss wait
+        # for this computation instead of starting another.
+        lock = self._lock_key(key)
+        locked_at = time.monotonic()
+        try:
+            locked = self._take(index, lock)
+        except DjmemcacheError as exc:
+            logger.debug("early refresh of key %r without the lock: %s", key, exc)
+            locked = False
         try:
             fresh = default()
         except Exception:
             logger.warning("early refresh of key %r failed; the current value stays until it expires",
                            key, exc_info=True)
             return value
-        if not client.set(key, fresh, expire):
-            client.delete(key)  # as Django's set: no stale value after a failed set
-        return fresh
+        else:
+            if not client.set(key, fresh, expire):
+                client.delete(key)  # as Django's set: no stale value after a failed set
+            return fresh
+        finally:
+            if locked:
+                self._release_if_ours(index, lock, locked_at)
 
     def _lacks_meta(self, index, exc):
         if index in self._meta_ok or not isinstance(exc, ServerError):
@@ -244,10 +258,7 @@ class Guard:
         try:
             return self._compute_and_add(key, default, expire)
         finally:
-            # Only while the lock is surely still ours: after its lifetime
-            # another caller may hold it.
-            if time.monotonic() - locked_at < self.lock_ttl - 1:
-                self._release(index, lock)
+            self._release_if_ours(index, lock, locked_at)
 
     def _take(self, index, lock):
         token = b"%d" % os.getpid()  # for whoever looks at the lock with a plain get
@@ -255,7 +266,11 @@ class Guard:
                                   self.lock_ttl)
         return reason is None
 
-    def _release(self, index, lock):
+    def _release_if_ours(self, index, lock, locked_at):
+        """Delete the lock taken at ``locked_at``, only while it is surely
+        still ours: after its lifetime another caller may hold it."""
+        if time.monotonic() - locked_at >= self.lock_ttl - 1:
+            return
         try:
             self.client.call(index, "get_or_set", Connection.delete, lock, retry=True)
         except DjmemcacheError as exc:

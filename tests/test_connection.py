@@ -3,7 +3,9 @@
 import threading
 import time
 
-from djmemcache.connection import SEND_NOW_MAX, Connection
+import pytest
+
+from djmemcache.connection import SEND_NOW_MAX, Connection, ErrorReply, ProtocolError
 from djmemcache.options import parse_options
 
 
@@ -74,3 +76,37 @@ def test_commands_larger_than_send_now_max_go_through_sendall(mc1):
         assert conn.get("big") == (value, 0)
     finally:
         conn.close()
+
+
+def _parse(reply, keys=("k", "j")):
+    options = parse_options("127.0.0.1:1", {"MAX_VALUE_SIZE": 1000})
+    conn = Connection(options.servers[0], options)  # never connected: the reply is all there
+    return conn._read_values({key.encode(): key for key in keys}, reply, None)
+
+
+def test_a_multi_value_reply_is_parsed_in_one_pass():
+    reply = b"VALUE k 1 3\r\nabc\r\nVALUE j 4294967295 0\r\n\r\nEND\r\n"
+    assert _parse(reply) == {"k": (b"abc", 1), "j": (b"", 4294967295)}
+    assert _parse(b"END\r\n") == {}
+
+
+@pytest.mark.parametrize("reply, error", [
+    (b"VALUE k 1x 3\r\nabc\r\nEND\r\n", ProtocolError),          # flags not digits
+    (b"VALUE k -1 3\r\nabc\r\nEND\r\n", ProtocolError),          # a sign
+    (b"VALUE k 1 +3\r\nabc\r\nEND\r\n", ProtocolError),
+    (b"VALUE k 1 3 9\r\nabc\r\nEND\r\n", ProtocolError),         # five fields
+    (b"VALUE k 1\r\nabc\r\nEND\r\n", ProtocolError),             # three
+    (b"VALUE k 1 %s\r\n" % (b"9" * 21), ProtocolError),          # 21 digits
+    (b"VALUE k 1 1001\r\n", ProtocolError),                      # over MAX_VALUE_SIZE
+    (b"VALUE x 1 3\r\nabc\r\nEND\r\n", ProtocolError),           # not asked for
+    (b"VALUE k 1 3\r\nabc\r\nVALUE k 1 3\r\nabc\r\nEND\r\n", ProtocolError),  # twice
+    (b"VALUE  k 1 3\r\nabc\r\nEND\r\n", ProtocolError),          # two spaces
+    (b"VALUE k\r 1 3\r\nabc\r\nEND\r\n", ProtocolError),         # a lone CR in the key
+    (b"VALUE k 1 3\r\nabcd\r\nEND\r\n", ProtocolError),          # block longer than declared
+    (b"VALUE k 1 3\r\nabc\r\nEND\r\nVALUE", ProtocolError),      # data after END
+    (b"SERVER_ERROR out of memory\r\n", ErrorReply),
+    (b"ERROR\r\n", ErrorReply),
+])
+def test_a_malformed_multi_value_reply_is_a_protocol_error(reply, error):
+    with pytest.raises(error):
+        _parse(reply)

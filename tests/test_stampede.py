@@ -232,6 +232,39 @@ def test_early_refresh_that_raises_keeps_the_current_value(mc1, make_cache, capl
     assert cache.get("k") is None
 
 
+def test_refresh_outlived_by_its_value_makes_missing_callers_wait_for_it(mc1, make_cache):
+    """The refresh winner holds the lock too: when the value expires before
+    the fresh one is set (here a computation longer than the time left),
+    callers who miss wait for that computation instead of starting another."""
+    cache = make_cache(mc1.location, {"EARLY_REFRESH": 2, "STAMPEDE_WAIT": 10})
+    cache.set("k", "old", timeout=3)
+    refreshing = threading.Event()
+    computations = []
+
+    def slow():
+        computations.append(1)
+        refreshing.set()
+        time.sleep(2.5)  # more than the at most 1 s left when the refresh is won
+        return "fresh"
+
+    seen = []
+
+    def reader():
+        while not refreshing.is_set():
+            seen.append(cache.get_or_set("k", slow, timeout=3))
+            time.sleep(0.02)
+
+    refresher = threading.Thread(target=reader)
+    refresher.start()
+    assert refreshing.wait(5)
+    time.sleep(1.2)  # the old value has expired by now
+    assert cache.get("k") is None
+    late = cache.get_or_set("k", lambda: computations.append(1) or "another")
+    refresher.join(10)
+    assert late == "fresh" and seen[-1] == "fresh"
+    assert set(seen[:-1]) == {"old"} and len(computations) == 1
+
+
 # -- Django's semantics, and what is stored -------------------------------------
 
 def test_values_keep_djangos_flags_both_ways(mc1, make_cache):

@@ -72,6 +72,7 @@ def parse_wrk(output):
             result["errors"] += int(parts[-1])
         elif line.strip().startswith("Socket errors"):
             result["errors"] += sum(int(n) for n in re.findall(r"\d+", line))
+            result["socket_errors"] = line.strip()  # a timeout is a request over wrk's 2 s
     return result
 
 
@@ -183,7 +184,7 @@ def _rounds(args, names, backends, location, extra, script, log, figures):
         for name in names:
             backend, options = backends[name]
             proc, port = gunicorn(backend, location, options, args.workers, log,
-                                  os.path.join(args.venv, "bin"), extra)
+                                  os.path.join(os.path.abspath(args.venv), "bin"), extra)
             try:
                 wrk(port, 2, args.connections, script)  # warm up: connections, imports
                 result = wrk(port, args.seconds, args.connections, script)
@@ -193,7 +194,8 @@ def _rounds(args, names, backends, location, extra, script, log, figures):
             figures[name].append(result)
             print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
                   % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"],
-                     1000 * result["max"], result["rps"], result["errors"]), flush=True)
+                     1000 * result["max"], result["rps"], result["errors"]), result.get("socket_errors", ""),
+                  flush=True)
     log.seek(0)
     return log.read()
 
