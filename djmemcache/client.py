@@ -520,6 +520,20 @@ class Client:
         get_or_set must tell "the lock is taken" from "the server failed"."""
         return self._call(index, command, method, *args, retry=retry)
 
+    def cas(self, index, key, value, expire, cas):
+        """Store ``value`` on server ``index`` only if the item still has the
+        CAS value ``cas``: None when stored, else why not ("EXISTS": written
+        since; "NOT_FOUND": deleted or expired; "too large"). Server failures
+        are raised, as ``call`` does. Not retried: a lost STORED would come
+        back as EXISTS."""
+        check_expire(expire)
+        item = self._item(key, value)
+        if item is None:
+            return "too large"
+        reason = self._call(index, "cas", Connection.cas, key, item, expire, cas)
+        self._stored("cas", key, reason)  # logs a refusal (SERVER_ERROR)
+        return reason
+
     # -- introspection and shutdown -----------------------------------------
 
     def status(self):

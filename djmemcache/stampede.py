@@ -12,9 +12,10 @@ Here, for a callable default:
   and the next poll takes it over; one that dies leaves a lock that expires
   after STAMPEDE_WAIT.
 - With EARLY_REFRESH = n, the value is read with memcached 1.6's meta get
-  ``mg <key> v f R<n>``: once fewer than n seconds are left, memcached hands
-  ONE reader the W flag; that reader recomputes and sets the value while
-  the others keep reading the current one, so a hot key never misses.
+  ``mg <key> v f c t R<n>``: once fewer than n seconds are left, memcached
+  hands ONE reader the W flag; that reader recomputes the value while the
+  others keep reading the current one, so a hot key never misses, and
+  stores it with ``cas``: a write or a delete made meanwhile wins.
 
 Why a lock key rather than memcached's own vivify (``mg <key> N``): vivify
 stores an empty item under the real key, which a plain ``get`` (Django's
@@ -148,10 +149,19 @@ class Guard:
         self._meta_ok.add(index)
         if reply is None:
             return MISS
-        data, flags, won = reply
+        data, flags, won, cas, ttl = reply
         value = client._decode(key, (data, flags))
         if not won or value is MISS:
             return value
+        if not cas or ttl is None:
+            # memcached run with -C has no CAS values: a refresh could only be
+            # stored blind, over whatever was written while it was computed.
+            if index not in self._no_meta:
+                self._no_meta.add(index)
+                logger.warning("memcached server %s gives no CAS values (run with -C?): EARLY_REFRESH "
+                               "is off for it", client.servers[index])
+            return value
+        read_at = time.monotonic()
         # This caller won the refresh: the others keep reading ``value``. It
         # also takes the lock, so that if the value expires before the fresh
         # one is set (a slow computation, a late clock), callers who miss wait
@@ -170,12 +180,29 @@ class Guard:
                            key, exc_info=True)
             return value
         else:
-            if not client.set(key, fresh, expire):
-                client.delete(key)  # as Django's set: no stale value after a failed set
-            return fresh
+            return self._store_refresh(index, key, fresh, expire, cas, ttl, read_at)
         finally:
             if locked:
                 self._release_if_ours(index, lock, locked_at)
+
+    def _store_refresh(self, index, key, fresh, expire, cas, ttl, read_at):
+        """Store a refresh only in place of the value it refreshes: it may
+        have been computed from older data than a write or a delete made
+        meanwhile, and those win (as Django's ``add`` never overwrites).
+        Returns what the caller gets: ``fresh``, or the write that won."""
+        client = self.client
+        try:
+            reason = client.cas(index, key, fresh, expire, cas)
+            if reason == "NOT_FOUND" and time.monotonic() - read_at >= ttl - 1:
+                # Gone, but maybe only expired (memcached's clock ticks in whole
+                # seconds): then store it as a miss would, with add.
+                reason = None if client.add(key, fresh, expire) else reason
+        except DjmemcacheError as exc:
+            return client._failed(exc, "get_or_set", fresh)
+        if reason != "EXISTS":
+            return fresh
+        stored = client.get(key)
+        return fresh if stored is MISS else stored
 
     def _lacks_meta(self, index, exc):
         if index in self._meta_ok or not isinstance(exc, ServerError):

@@ -265,6 +265,57 @@ def test_refresh_outlived_by_its_value_makes_missing_callers_wait_for_it(mc1, ma
     assert set(seen[:-1]) == {"old"} and len(computations) == 1
 
 
+def _refresh_racing(cache, write):
+    """get_or_set wins the refresh of "page" (v1, 3 s left, EARLY_REFRESH 4),
+    and ``write()`` runs while it computes from v1: what it returns."""
+    database = {"page": "v1"}
+    computing, written = threading.Event(), threading.Event()
+
+    def render():
+        snapshot = database["page"]  # read the database
+        computing.set()
+        assert written.wait(5)
+        return snapshot
+
+    cache.set("page", "v1", timeout=30)
+    cache.touch("page", 3)  # under EARLY_REFRESH's 4 s: the next reader refreshes
+    seen = []
+    refresher = threading.Thread(target=lambda: seen.append(cache.get_or_set("page", render, timeout=30)))
+    refresher.start()
+    assert computing.wait(5)
+    database["page"] = "v2"
+    write()
+    written.set()
+    refresher.join(10)
+    return seen
+
+
+def test_early_refresh_never_overwrites_a_write_made_while_it_computed(mc1, make_cache):
+    cache = make_cache(mc1.location, {"EARLY_REFRESH": 4})
+    seen = _refresh_racing(cache, lambda: cache.set("page", "v2", timeout=30))
+    assert cache.get("page") == "v2"  # not the v1 the refresh computed, for a whole timeout
+    assert seen == ["v2"]  # what the cache holds, as Django's get_or_set returns
+
+
+def test_early_refresh_does_not_bring_back_a_key_deleted_while_it_computed(mc1, make_cache):
+    cache = make_cache(mc1.location, {"EARLY_REFRESH": 4})
+    seen = _refresh_racing(cache, lambda: cache.delete("page"))
+    assert cache.get("page") is None
+    assert seen == ["v1"]  # the caller still gets the value it computed
+
+
+def test_early_refresh_is_off_where_memcached_gives_no_cas_values(memcached_factory, make_cache, caplog):
+    server = memcached_factory(extra_args=["-C"])
+    cache = make_cache(server.location, {"EARLY_REFRESH": 4})
+    computations, default = counted("fresh")
+    cache.set("k", "current", timeout=30)
+    cache.touch("k", 3)
+    # Won the refresh, but could store it only blind: it keeps the current value.
+    assert cache.get_or_set("k", default, timeout=30) == "current"
+    assert computations == [] and cache.get("k") == "current"
+    assert caplog.text.count("gives no CAS values") == 1
+
+
 # -- Django's semantics, and what is stored -------------------------------------
 
 def test_values_keep_djangos_flags_both_ways(mc1, make_cache):
@@ -415,6 +466,8 @@ def scripted():
     b"VA 5 f-1\r\nhello\r\n",
     b"VA 5\r\nhello\r\n",  # no client flags
     b"VA 5 f0 Q\r\nhello\r\n",  # a flag not asked for
+    b"VA 5 f0 c-7 t1 W\r\nhello\r\n",  # a CAS value that is no number
+    b"VA 5 f0 c7 t1x W\r\nhello\r\n",
     b"VA 5 f0\r\nhelloXX",  # no CRLF after the data
     b"VA 5 f0\r\nhello\r\nEN\r\n",  # more than the reply
     b"HD f0\r\n",
@@ -431,7 +484,7 @@ def test_meta_get_replies_that_break_the_protocol_are_server_errors(make_cache, 
 
 
 def test_meta_get_reply_in_pieces_is_read_whole(make_cache, scripted):
-    server = scripted(b"VA 5 f0 W\r\nhello\r\n", piece=3)
+    server = scripted(b"VA 5 f0 c7 t1 W\r\nhello\r\n", piece=3)
     cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 2})
     # Won the refresh (W): recomputed and set, the fresh value returned.
     assert cache.get_or_set("k", lambda: "fresh") == "fresh"
