@@ -30,6 +30,7 @@ so it never tries there.
 """
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -53,6 +54,7 @@ MIN_LOCK_TTL = 2
 #: memcached reads a relative expiry only up to 30 days; beyond is a Unix time.
 RELATIVE_EXPIRY_MAX = 60 * 60 * 24 * 30
 
+_tokens = itertools.count(1)
 _guards = weakref.WeakKeyDictionary()
 _guards_lock = threading.Lock()
 
@@ -75,10 +77,27 @@ def _forget_flights_after_fork():
     for guard in list(_guards.values()):
         guard._flights = {}
         guard._flights_lock = threading.Lock()
+        guard._tokens = {}  # the parent's locks are its own to release
+        guard._token_prefix = b"%d." % os.getpid()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_forget_flights_after_fork)
+
+
+class _Claim:
+    """One caller's attempts at the lock of a key on server ``index``.
+
+    ``held``: True once an add of the lock was answered STORED, False when
+    it was answered otherwise (or never sent), None while an add was sent
+    and its answer not read.
+    """
+
+    __slots__ = ("index", "lock", "token", "at", "held")
+
+    def __init__(self, index, lock):
+        self.index, self.lock = index, lock
+        self.token, self.at, self.held = None, 0.0, False
 
 
 class _Flight:
@@ -88,6 +107,11 @@ class _Flight:
         self.done = threading.Event()
         self.ok = False
         self.value = None
+        self.leader = threading.current_thread()
+
+    def orphaned(self):
+        """True when no thread is computing this flight any more."""
+        return self.leader is threading.current_thread() or not self.leader.is_alive()
 
 
 class Guard:
@@ -104,6 +128,8 @@ class Guard:
         self._flights_lock = threading.Lock()
         self._no_meta = set()  # indexes of servers seen not to speak meta commands
         self._meta_ok = set()  # indexes of servers that answered one
+        self._tokens = {}  # token: thread, of the locks this process's get_or_set calls may hold
+        self._token_prefix = b"%d." % os.getpid()
 
     def get_or_set(self, key, default, timeout, backend_timeout):
         """Django's ``get_or_set`` for a made and validated ``key`` and a
@@ -166,14 +192,12 @@ class Guard:
         # also takes the lock, so that if the value expires before the fresh
         # one is set (a slow computation, a late clock), callers who miss wait
         # for this computation instead of starting another.
-        lock = self._lock_key(key)
-        locked_at = time.monotonic()
+        claim = _Claim(index, self._lock_key(key))
         try:
-            locked = self._take(index, lock)
-        except DjmemcacheError as exc:
-            logger.debug("early refresh of key %r without the lock: %s", key, exc)
-            locked = False
-        try:
+            try:
+                self._take(claim)
+            except DjmemcacheError as exc:
+                logger.debug("early refresh of key %r without the lock: %s", key, exc)
             fresh = default()
         except Exception:
             logger.warning("early refresh of key %r failed; the current value stays until it expires",
@@ -182,8 +206,7 @@ class Guard:
         else:
             return self._store_refresh(index, key, fresh, expire, cas, ttl, read_at)
         finally:
-            if locked:
-                self._release_if_ours(index, lock, locked_at)
+            self._release(claim)
 
     def _store_refresh(self, index, key, fresh, expire, cas, ttl, read_at):
         """Store a refresh only in place of the value it refreshes: it may
@@ -228,25 +251,37 @@ class Guard:
     # -- one computation for a missing key ---------------------------------------
 
     def _coalesce(self, key, default, expire):
-        """One thread per process and key runs the protocol; the others wait for its result."""
+        """One thread per process and key runs the protocol; the others wait for its result.
+
+        Whatever is raised wherever (a signal handler's exception, between any
+        two bytecodes), the leader's ``finally`` takes its flight off the books.
+        Should even that be interrupted, a flight whose leader is the calling
+        thread (it is here, so not computing) or a dead thread is replaced at
+        once, and any other waits at most STAMPEDE_WAIT, once: the first
+        waiter to give up on it drops it.
+        """
         deadline = time.monotonic() + self.wait
         while True:
-            with self._flights_lock:
-                flight = self._flights.get(key)
-                leading = flight is None
-                if leading:
-                    flight = self._flights[key] = _Flight()
-            if leading:
-                try:
-                    flight.value = self._compute_once(key, default, expire, deadline)
-                    flight.ok = True
-                    return flight.value
-                finally:
-                    with self._flights_lock:
-                        del self._flights[key]
-                    flight.done.set()
+            mine = _Flight()
+            flight = None
+            try:
+                with self._flights_lock:
+                    flight = self._flights.get(key)
+                    if flight is None or flight.orphaned():
+                        orphan, flight = flight, mine
+                        self._flights[key] = mine
+                        if orphan is not None:
+                            orphan.done.set()  # its waiters: to this flight
+                if flight is mine:
+                    mine.value = self._compute_once(key, default, expire, deadline)
+                    mine.ok = True
+                    return mine.value
+            finally:
+                self._forget(key, mine)
+                mine.done.set()
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not flight.done.wait(remaining):
+                self._forget(key, flight)
                 return self._as_django(key, default, expire)
             if flight.ok:
                 # A copy of its own, as Django's get_or_set gives every caller:
@@ -255,54 +290,99 @@ class Guard:
                 return flight.value if value is MISS else value
             # The leader raised: its lock is gone, and this thread may take it.
 
+    def _forget(self, key, flight):
+        """Take ``flight`` off the books, unless another has replaced it."""
+        with self._flights_lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
     def _compute_once(self, key, default, expire, deadline):
         client = self.client
-        lock = self._lock_key(key)
+        claim = None
         try:
-            index = client.index_for(key)
-            locked_at = time.monotonic()
-            won = self._take(index, lock)
-            pause = FIRST_POLL
-            while not won:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    logger.info("get_or_set of key %r: no value after STAMPEDE_WAIT (%ss), "
-                                "computing it here", key, self.wait)
-                    return self._as_django(key, default, expire)
-                time.sleep(min(pause, remaining))
-                pause = min(pause * 1.5, MAX_POLL)
-                found = client.call(index, "get_or_set", Connection.get_many, [key, lock], retry=True)
-                if key in found:
-                    value = client._decode(key, found[key])
-                    if value is not MISS:
-                        return value
-                if lock not in found:  # the winner raised or died: take over
-                    locked_at = time.monotonic()
-                    won = self._take(index, lock)
-        except DjmemcacheError as exc:
-            client._failed(exc, "get_or_set", None)  # raises unless IGNORE_EXC
-            return self._compute_and_add(key, default, expire)
-        try:
+            try:
+                index = client.index_for(key)
+                claim = _Claim(index, self._lock_key(key))
+                lock = claim.lock
+                pause = FIRST_POLL
+                while not self._take(claim):
+                    remaining = deadline - time.monotonic()
+                    while remaining > 0:
+                        time.sleep(min(pause, remaining))
+                        pause = min(pause * 1.5, MAX_POLL)
+                        found = client.call(index, "get_or_set", Connection.get_many, [key, lock], retry=True)
+                        if key in found:
+                            value = client._decode(key, found[key])
+                            if value is not MISS:
+                                return value
+                        if lock not in found:
+                            break  # the winner raised or died: take over
+                        if self._abandoned(found[lock][0]):
+                            self.client.call(index, "get_or_set", Connection.delete, lock, retry=True)
+                            break
+                        remaining = deadline - time.monotonic()
+                    else:
+                        logger.info("get_or_set of key %r: no value after STAMPEDE_WAIT (%ss), "
+                                    "computing it here", key, self.wait)
+                        return self._as_django(key, default, expire)
+            except DjmemcacheError as exc:
+                client._failed(exc, "get_or_set", None)  # raises unless IGNORE_EXC
             return self._compute_and_add(key, default, expire)
         finally:
-            self._release_if_ours(index, lock, locked_at)
+            if claim is not None:
+                self._release(claim)
 
-    def _take(self, index, lock):
-        token = b"%d" % os.getpid()  # for whoever looks at the lock with a plain get
-        reason = self.client.call(index, "get_or_set", Connection.store_one, b"add", lock, (token, 0),
-                                  self.lock_ttl)
-        return reason is None
-
-    def _release_if_ours(self, index, lock, locked_at):
-        """Delete the lock taken at ``locked_at``, only while it is surely
-        still ours: after its lifetime another caller may hold it."""
-        if time.monotonic() - locked_at >= self.lock_ttl - 1:
-            return
+    def _take(self, claim):
+        """Try to take ``claim``'s lock; True when this caller holds it."""
+        # Unique, so that an add cut short (by a signal) can tell its own lock.
+        claim.token = b"%d.%d" % (os.getpid(), next(_tokens))  # pid first, for whoever looks
+        claim.at = time.monotonic()
+        self._tokens[claim.token] = threading.current_thread()
+        claim.held = None  # from here on, it may be stored and the answer not known
         try:
-            self.client.call(index, "get_or_set", Connection.delete, lock, retry=True)
+            reason = self.client.call(claim.index, "get_or_set", Connection.store_one, b"add", claim.lock,
+                                      (claim.token, 0), self.lock_ttl)
+        except DjmemcacheError:
+            claim.held = False  # the server failed: not asked again; a lock it stored expires
+            raise
+        claim.held = reason is None
+        return claim.held
+
+    def _release(self, claim):
+        """Delete the claim's lock, only while it is surely still ours: after
+        its lifetime another caller may hold it. An add whose answer was never
+        read (an exception from a signal handler) may have stored it: the lock
+        is read first and deleted only if it carries this claim's token."""
+        client = self.client
+        try:
+            if claim.held is False or time.monotonic() - claim.at >= self.lock_ttl - 1:
+                return
+            if claim.held is None:
+                found = client.call(claim.index, "get_or_set", Connection.get, claim.lock, retry=True)
+                if found is None or found[0] != claim.token:
+                    return
+            client.call(claim.index, "get_or_set", Connection.delete, claim.lock, retry=True)
         except DjmemcacheError as exc:
             # The lock expires by itself; the value is what matters.
-            logger.debug("get_or_set could not delete lock %r: %s", lock, exc)
+            logger.debug("get_or_set could not delete lock %r: %s", claim.lock, exc)
+        finally:
+            self._tokens.pop(claim.token, None)
+
+    def _abandoned(self, token):
+        """True for a lock this process took and no longer holds, because
+        its release was cut short (by a signal): it would hold the key up
+        until it expires. Its taker is off the books, or is the calling
+        thread (polling, so not computing), or has ended. Another process's
+        lock, or one in use here, is not abandoned."""
+        if not token.startswith(self._token_prefix):
+            return False
+        taker = self._tokens.get(token)
+        if taker is None:
+            return True
+        if taker is threading.current_thread() or not taker.is_alive():
+            self._tokens.pop(token, None)
+            return True
+        return False
 
     def _lock_key(self, key):
         lock = key + LOCK_SUFFIX
