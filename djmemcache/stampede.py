@@ -38,7 +38,7 @@ import threading
 import time
 import weakref
 
-from djmemcache.client import MISS
+from djmemcache.client import MISS, UNREADABLE
 from djmemcache.connection import Connection, ConnectionClosed, ErrorReply
 from djmemcache.exceptions import DjmemcacheError, ServerError
 from djmemcache.options import MAX_KEY_LENGTH
@@ -46,6 +46,10 @@ from djmemcache.options import MAX_KEY_LENGTH
 logger = logging.getLogger("djmemcache.stampede")
 
 LOCK_SUFFIX = "|stampede-lock"
+#: What a winner whose value memcached would not keep (too large) leaves in
+#: the lock for the lock's lifetime: the others compute their own at once
+#: instead of waiting, one after another, for a value that never comes.
+UNSTORABLE = b"unstorable"
 #: The first poll comes soon (a computation may be quick), later ones every 25 ms.
 FIRST_POLL = 0.005
 MAX_POLL = 0.025
@@ -93,11 +97,12 @@ class _Claim:
     and its answer not read.
     """
 
-    __slots__ = ("index", "lock", "token", "at", "held")
+    __slots__ = ("index", "lock", "token", "at", "held", "unstorable")
 
     def __init__(self, index, lock):
         self.index, self.lock = index, lock
         self.token, self.at, self.held = None, 0.0, False
+        self.unstorable = False  # computed, but memcached would not keep it
 
 
 class _Flight:
@@ -301,36 +306,50 @@ class Guard:
         claim = None
         try:
             try:
-                index = client.index_for(key)
-                claim = _Claim(index, self._lock_key(key))
-                lock = claim.lock
-                pause = FIRST_POLL
-                while not self._take(claim):
-                    remaining = deadline - time.monotonic()
-                    while remaining > 0:
-                        time.sleep(min(pause, remaining))
-                        pause = min(pause * 1.5, MAX_POLL)
-                        found = client.call(index, "get_or_set", Connection.get_many, [key, lock], retry=True)
-                        if key in found:
-                            value = client._decode(key, found[key])
-                            if value is not MISS:
-                                return value
-                        if lock not in found:
-                            break  # the winner raised or died: take over
-                        if self._abandoned(found[lock][0]):
-                            self.client.call(index, "get_or_set", Connection.delete, lock, retry=True)
-                            break
-                        remaining = deadline - time.monotonic()
-                    else:
-                        logger.info("get_or_set of key %r: no value after STAMPEDE_WAIT (%ss), "
-                                    "computing it here", key, self.wait)
-                        return self._as_django(key, default, expire)
+                claim = _Claim(client.index_for(key), self._lock_key(key))
+                value = self._lock_or_value(key, claim, deadline)
             except DjmemcacheError as exc:
                 client._failed(exc, "get_or_set", None)  # raises unless IGNORE_EXC
-            return self._compute_and_add(key, default, expire)
+                value = MISS
+            if value is not MISS:
+                return value
+            return self._compute_and_add(key, default, expire, claim)
         finally:
             if claim is not None:
                 self._release(claim)
+
+    def _lock_or_value(self, key, claim, deadline):
+        """Take the lock (MISS: compute now), or poll until the value is
+        there (the value), or until computing here is the thing to do (MISS):
+        the lock is gone and taken, STAMPEDE_WAIT is over, or the winner left
+        word that its value cannot be stored."""
+        client = self.client
+        index, lock = claim.index, claim.lock
+        pause = FIRST_POLL
+        while not self._take(claim):
+            remaining = deadline - time.monotonic()
+            while remaining > 0:
+                time.sleep(min(pause, remaining))
+                pause = min(pause * 1.5, MAX_POLL)
+                found = client.call(index, "get_or_set", Connection.get_many, [key, lock], retry=True)
+                if key in found:
+                    value = client._decode(key, found[key])
+                    if value is not MISS:
+                        return value
+                token = found.get(lock, (None,))[0]
+                if token is None:
+                    break  # the winner raised or died: take over
+                if token == UNSTORABLE:
+                    return MISS  # nothing to wait for: compute, as Django does
+                if self._abandoned(token):
+                    client.call(index, "get_or_set", Connection.delete, lock, retry=True)
+                    break
+                remaining = deadline - time.monotonic()
+            else:
+                logger.info("get_or_set of key %r: no value after STAMPEDE_WAIT (%ss), "
+                            "computing it here", key, self.wait)
+                return MISS
+        return MISS
 
     def _take(self, claim):
         """Try to take ``claim``'s lock; True when this caller holds it."""
@@ -361,7 +380,12 @@ class Guard:
                 found = client.call(claim.index, "get_or_set", Connection.get, claim.lock, retry=True)
                 if found is None or found[0] != claim.token:
                     return
-            client.call(claim.index, "get_or_set", Connection.delete, claim.lock, retry=True)
+            if claim.unstorable and claim.held:
+                # Word for the others, for the lock's lifetime: don't wait.
+                client.call(claim.index, "get_or_set", Connection.store_one, b"set", claim.lock,
+                            (UNSTORABLE, 0), self.lock_ttl, retry=True)
+            else:
+                client.call(claim.index, "get_or_set", Connection.delete, claim.lock, retry=True)
         except DjmemcacheError as exc:
             # The lock expires by itself; the value is what matters.
             logger.debug("get_or_set could not delete lock %r: %s", claim.lock, exc)
@@ -396,10 +420,28 @@ class Guard:
         value = self.client.get(key)
         return self._compute_and_add(key, default, expire) if value is MISS else value
 
-    def _compute_and_add(self, key, default, expire):
+    def _compute_and_add(self, key, default, expire, claim=None):
         """Compute, ``add``, and return what the cache holds then, as Django does:
-        another caller may have added a value between the get and the add."""
+        another caller may have added a value between the get and the add.
+
+        Unlike Django, an unreadable item (another client's flags, a rotated
+        SIGNING_KEY) is replaced with ``set``: ``add`` never would, and every
+        call would compute again, one process after another behind the lock.
+        A value that could not be stored is noted on ``claim``.
+        """
         value = default()
-        self.client.add(key, value, expire)
-        stored = self.client.get(key)
+        client = self.client
+        if client.add(key, value, expire):
+            stored = client.get(key)
+            return value if stored is MISS else stored
+        stored = client.get_or_unreadable(key)
+        if stored is UNREADABLE:
+            if client.set(key, value, expire):
+                return value
+            client.delete(key)  # as Django's set: nothing stale after a failed set
+            stored = MISS
+        if stored is MISS and claim is not None:
+            # Too large, refused, or the server failing (IGNORE_EXC); or, rarely,
+            # deleted since the add: either way, nothing for the others to wait for.
+            claim.unstorable = True
         return value if stored is MISS else stored

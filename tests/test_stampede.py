@@ -14,10 +14,10 @@ import pytest
 from django.core.cache.backends.memcached import PyMemcacheCache as DjangosPyMemcacheCache
 from django.core.exceptions import ImproperlyConfigured
 
-from djmemcache import DjmemcacheError, ServerError
+from djmemcache import DjmemcacheError, ServerError, stampede
 from djmemcache.options import parse_options
 
-from helpers import run_threads
+from helpers import raw_command, run_threads
 
 FORK = multiprocessing.get_context("fork")
 COMPUTE_SECONDS = 0.2
@@ -317,6 +317,47 @@ def test_early_refresh_is_off_where_memcached_gives_no_cas_values(memcached_fact
     assert caplog.text.count("gives no CAS values") == 1
 
 
+# -- values that cannot be read or stored -------------------------------------------
+
+def test_unreadable_item_is_replaced_by_the_one_computation(mc1):
+    """An item no reader can use (djmemcache 0.13's flags, a rotated
+    SIGNING_KEY) is a miss, and add() never replaces it: the winner sets its
+    value over it, so the next round hits instead of computing again, one
+    process after another behind the lock."""
+    assert raw_command(mc1.location, b"set :1:report 99 3600 3\r\nold\r\n", until=b"\r\n") == b"STORED\r\n"
+    first, seen = crowd(mc1.location, {"STAMPEDE_WAIT": 10}, "report", processes=3, threads=10)
+    again, seen_again = crowd(mc1.location, {"STAMPEDE_WAIT": 10}, "report", processes=3, threads=10)
+    assert (first, again) == (1, 0)
+    values = {value for _latency, value in seen + seen_again}
+    assert len(values) == 1 and values.pop().startswith("value-from-")
+
+
+def test_value_too_large_to_store_is_computed_at_once_by_the_others(mc1, make_cache):
+    """The winner's value cannot be stored: it leaves word in the lock, and
+    the other processes compute theirs together instead of taking the lock
+    one after another (each computation here takes 1 s: one after another,
+    never two at once)."""
+    running, most = FORK.Value("i", 0), FORK.Value("i", 0)
+
+    def too_large():
+        with running.get_lock():
+            running.value += 1
+            most.value = max(most.value, running.value)
+        time.sleep(1)
+        with running.get_lock():
+            running.value -= 1
+        return "x" * (2 * 1024 * 1024)
+
+    computations, seen = crowd(mc1.location, {"STAMPEDE_WAIT": 30}, "huge", processes=4, threads=5,
+                               compute=too_large)
+    assert [len(value) for _latency, value in seen] == [2 * 1024 * 1024] * 20
+    assert most.value >= 2  # the others did not wait their turns
+    cache = make_cache(mc1.location)
+    assert cache.get("huge") is None
+    lock = raw_command(mc1.location, b"get :1:huge" + stampede.LOCK_SUFFIX.encode() + b"\r\n")
+    assert stampede.UNSTORABLE in lock
+
+
 # -- Django's semantics, and what is stored -------------------------------------
 
 def test_values_keep_djangos_flags_both_ways(mc1, make_cache):
@@ -408,8 +449,6 @@ def test_exceptions_from_a_signal_handler_anywhere_in_get_or_set_leave_no_caller
     times): afterwards no flight is left in the process and no call waits,
     neither for a flight nor for a lock whose release was cut short
     (STAMPEDE_WAIT 10: either would show as seconds)."""
-    from djmemcache import stampede
-
     class Alarm(Exception):
         pass
 
@@ -451,8 +490,6 @@ def test_exceptions_from_a_signal_handler_anywhere_in_get_or_set_leave_no_caller
 def _flight_left_behind(cache, monkeypatch, key):
     """get_or_set of ``key`` on this thread, its leader's cleanup interrupted
     as a signal would: the flight stays on the books."""
-    from djmemcache import stampede
-
     forget = stampede.Guard._forget
     calls = []
 
