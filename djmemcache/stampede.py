@@ -46,6 +46,7 @@ from djmemcache.options import MAX_KEY_LENGTH
 logger = logging.getLogger("djmemcache.stampede")
 
 LOCK_SUFFIX = "|stampede-lock"
+HASHED_LOCK = "djmemcache-lock:"
 #: What a winner whose value memcached would not keep (too large) leaves in
 #: the lock for the lock's lifetime: the others compute their own at once
 #: instead of waiting, one after another, for a value that never comes.
@@ -129,6 +130,9 @@ class Guard:
         self.lock_ttl = max(MIN_LOCK_TTL, math.ceil(options.stampede_wait))
         self.early_refresh = 0 if options.distribution == "random" else options.early_refresh
         self.max_key_bytes = MAX_KEY_LENGTH - len(options.key_prefix)
+        # A hashed lock key names itself when that leaves 128 bits of hash.
+        self._hashed_lock = HASHED_LOCK if self.max_key_bytes >= len(HASHED_LOCK) + 32 else "~"
+        self._hash_digits = min(64, self.max_key_bytes - len(self._hashed_lock))
         self._flights = {}
         self._flights_lock = threading.Lock()
         self._no_meta = set()  # indexes of servers seen not to speak meta commands
@@ -409,10 +413,15 @@ class Guard:
         return False
 
     def _lock_key(self, key):
+        """The lock of ``key``: beside it, and within memcached's 250 bytes
+        with KEY_PREFIX. A key too long for the suffix gets a hash, cut to
+        the room KEY_PREFIX leaves (at least 10 hex digits: options.py keeps
+        KEY_PREFIX under 240 bytes); a longer lock would make memcached
+        refuse the command line and run the lock's data block as a command."""
         lock = key + LOCK_SUFFIX
         if len(lock.encode("utf-8")) <= self.max_key_bytes:
             return lock
-        return "djmemcache-lock:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+        return self._hashed_lock + hashlib.sha256(key.encode("utf-8")).hexdigest()[:self._hash_digits]
 
     # -- Django's behaviour -------------------------------------------------------
 

@@ -560,11 +560,25 @@ def test_guard_does_not_keep_its_client_alive(mc1):
     assert dead() is None
 
 
-def test_long_keys_get_a_lock_key_memcached_accepts(mc1, make_cache):
-    cache = make_cache(mc1.location)
-    key = "x" * 240
-    assert cache.get_or_set(key, lambda: "long") == "long"
-    assert cache.get(key) == "long"
+@pytest.mark.parametrize("prefix_bytes", [0, 170, 200, 239])
+def test_long_keys_get_a_lock_key_memcached_accepts_whatever_the_key_prefix(mc1, make_cache, prefix_bytes):
+    """The lock of a key too long for the suffix is a hash cut to the room
+    KEY_PREFIX leaves: with a 200-byte prefix, the 80-character hashed lock
+    went past 250 bytes, memcached refused the line and ran the lock's data
+    block as a command."""
+    cache = make_cache(mc1.location, {"KEY_PREFIX": "p" * prefix_bytes, "IGNORE_EXC": False, "STAMPEDE_WAIT": 10})
+    room = 250 - prefix_bytes - len(":1:")
+    keys = {"x" * room, "y" * min(44, room), "é" * (room // 2)}
+    for key in keys:
+        computations, default = counted(key[:5])
+        seen = []
+        assert run_threads(5, lambda _: seen.append(cache.get_or_set(key, default, timeout=60))) == []
+        assert seen == [key[:5]] * 5 and len(computations) == 1
+        assert cache.get(key) == key[:5]
+    guard = stampede.guard_for(cache.client)
+    locks = {guard._lock_key(cache.make_key(key)) for key in keys}
+    assert len(locks) == len(keys)
+    assert all(len(lock.encode()) + prefix_bytes <= 250 for lock in locks)
 
 
 # -- where meta commands are not spoken ---------------------------------------------
