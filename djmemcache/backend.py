@@ -50,7 +50,7 @@ def _options_for(server, params):
 
 def _utf8(key):
     """``key`` in UTF-8, as it goes on the wire; ``InvalidCacheKey`` when it
-    has none (a lone surrogate such as ``"\ud800"``), before anything is sent."""
+    has none (a lone surrogate such as ``"\\ud800"``), before anything is sent."""
     try:
         return key.encode("utf-8")
     except UnicodeEncodeError:

@@ -200,18 +200,27 @@ class Blacklist:
     claims each probe (``claim_probe``), which either brings the server back
     (``restore``) or schedules the next one (``probe_failed``).
 
+    A probe only asks ``version``: a server can pass it and still time out
+    on every real command. So a restored server keeps its back-off until it
+    has stayed in service for ``max(settle_time, its last delay)``: banned
+    again before that, its next probe waits twice as long as the last one,
+    instead of a second again (which banned such a server every second,
+    each time after the calls in flight waited TIMEOUT for it).
+
     All changes happen under one lock. ``state`` is an immutable
     ``(live, next_probe)`` pair replaced whole, so the hot path reads it
     once, without locking, and never sees half an update.
     """
 
-    def __init__(self, servers, blacklist_time, clock=time.monotonic, first_delay=1.0):
+    def __init__(self, servers, blacklist_time, clock=time.monotonic, first_delay=1.0, settle_time=10.0):
         self.servers = tuple(servers)
         self.blacklist_time = blacklist_time
         self.first_delay = min(first_delay, blacklist_time)
+        self.settle_time = settle_time
         self.clock = clock
         self._lock = threading.Lock()
         self._banned = {}  # index -> _Ban
+        self._restored = {}  # index -> (when, failures) of servers restored lately
         self.state = (tuple(range(len(self.servers))), None)
 
     @property
@@ -233,13 +242,23 @@ class Blacklist:
             if index in self._banned:
                 self._banned[index].reason = reason
                 return False
-            self._banned[index] = _Ban(self.clock() + self.first_delay, reason)
+            now = self.clock()
+            failures = 0
+            restored = self._restored.pop(index, None)
+            if restored is not None and now - restored[0] < max(self.settle_time, self._delay(restored[1])):
+                failures = restored[1] + 1  # it failed again soon after its probe passed
+            delay = self._delay(failures)
+            self._banned[index] = _Ban(now + delay, reason, failures)
             self._update()
         logger.warning(
-            "memcached server %s blacklisted (first probe in %ss): %s",
-            self.servers[index], self.first_delay, reason,
+            "memcached server %s blacklisted (%s in %ss): %s", self.servers[index],
+            "next probe" if failures else "first probe", delay, reason,
         )
         return True
+
+    def _delay(self, failures):
+        """Seconds until the next probe after ``failures`` failures in a row."""
+        return min(self.first_delay * 2 ** min(failures, 30), self.blacklist_time)
 
     def probe_failed(self, index, reason):
         """The probe of ``index`` failed: wait twice as long before the next one."""
@@ -250,7 +269,7 @@ class Blacklist:
             entry.failures += 1
             entry.reason = reason
             entry.prober = None
-            delay = min(self.first_delay * 2 ** min(entry.failures, 30), self.blacklist_time)
+            delay = self._delay(entry.failures)
             entry.until = self.clock() + delay
             self._update()
         logger.info("memcached server %s still down, next probe in %.3gs: %s",
@@ -259,6 +278,8 @@ class Blacklist:
     def restore(self, index):
         with self._lock:
             entry = self._banned.pop(index, None)
+            if entry is not None:
+                self._restored[index] = (self.clock(), entry.failures)
             self._update()
         if entry is not None:
             logger.warning("memcached server %s is back in service", self.servers[index])
@@ -297,8 +318,8 @@ class Blacklist:
 class _Ban:
     __slots__ = ("until", "reason", "failures", "prober")
 
-    def __init__(self, until, reason):
+    def __init__(self, until, reason, failures=0):
         self.until = until
         self.reason = reason
-        self.failures = 0
+        self.failures = failures  # failed probes, and failures soon after a passed one
         self.prober = None  # pid of the process whose thread probes it now

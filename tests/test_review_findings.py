@@ -93,7 +93,7 @@ def test_incr_of_a_non_numeric_value_is_the_callers_error_not_the_servers(make_c
 def _command_counts(location):
     stats = raw_command(location, b"stats\r\n").decode().split("\r\n")
     names = ("cmd_get", "cmd_set", "cmd_touch", "delete_misses", "delete_hits", "incr_misses",
-             "decr_misses", "curr_connections")
+             "decr_misses")  # not curr_connections: pools of earlier tests close on their own time
     return {line.split()[1]: line.split()[2] for line in stats if line.split()[1:2] and line.split()[1] in names}
 
 
@@ -200,3 +200,44 @@ def test_shortest_timeout_still_times_out_a_stopped_server(make_cache, memcached
         assert result == ["miss"]
     finally:
         server.resume()
+
+
+# -- finding 10: a server that passes the probe and fails every call -----------------
+
+def _answers_version_only(line, data):
+    from fakeserver import SILENCE
+
+    return b"VERSION 1.6.0-flapping\r\n" if line == b"version" else SILENCE
+
+
+def test_server_that_passes_probes_but_times_out_every_call_is_probed_ever_later(mc1, fake_memcached):
+    from djmemcache.client import MISS, Client
+    from djmemcache.options import parse_options
+    from djmemcache.servers import Rendezvous
+
+    clock = type("Clock", (), {"now": 5000.0, "__call__": lambda self: self.now})()
+    fake_memcached.reply(*[_answers_version_only] * 50)
+    options = parse_options([mc1.location, fake_memcached.location],
+                            {"TIMEOUT": 0.2, "BLACKLIST_TIME": 30}, clock=clock)
+    client = Client(options)
+    ring = Rendezvous([s.node for s in options.servers])
+    keys = {0: [], 1: []}
+    for i in range(100):
+        keys[ring.choose(":1:k%d" % i, (0, 1))].append(":1:k%d" % i)
+    try:
+        client.set(keys[0][0], "healthy", 0)
+        delays = []
+        for key in keys[1][:7]:
+            assert client.get(key) is MISS  # timed out: banned
+            assert client.blacklist.live == (0,)
+            delays.append(client.blacklist.state_of(1)[0] - clock.now)
+            clock.now = client.blacklist.next_probe
+            assert client.get(keys[0][0]) == "healthy"  # starts the probe, which passes
+            client.wait_for_probes()
+            assert client.blacklist.live == (0, 1)
+            clock.now += 0.5  # the next call that reaches it times out again
+        assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]  # not a ban every second
+        assert client.status()[1]["blacklistings"] == 7
+        assert client.status()[0]["errors"] == 0
+    finally:
+        client.close()

@@ -112,7 +112,37 @@ def test_failed_probes_back_off_exponentially_up_to_blacklist_time():
     assert bl.state_of(0) == (clock.now + 10, "probe failed: connection refused")
     assert bl.live == ()
     bl.restore(0)
+    clock.now += 10  # in service for BLACKLIST_TIME (its last delay): healthy again
     assert bl.ban(0, "timed out") and bl.next_probe == clock.now + 1.0  # back-off starts over
+
+
+def _restored_then_banned(bl, clock, in_service):
+    """The probe due passes; ``in_service`` seconds later a call times out:
+    the delay until the next probe."""
+    clock.now = bl.next_probe
+    assert bl.claim_probe(hold=5) == [0]
+    bl.restore(0)
+    clock.now += in_service
+    assert bl.ban(0, "timed out")
+    return bl.next_probe - clock.now
+
+
+def test_a_server_banned_again_soon_after_its_probe_passed_keeps_its_back_off():
+    clock = FakeClock()
+    bl = Blacklist(["a:1"], blacklist_time=30, clock=clock)
+    bl.ban(0, "timed out")
+    delays = [_restored_then_banned(bl, clock, 0.5) for _ in range(6)]
+    assert delays == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert _restored_then_banned(bl, clock, 29) == 30.0  # less than its last delay: not settled
+    assert _restored_then_banned(bl, clock, 30) == 1.0  # in service that long: starts over
+
+
+def test_back_off_after_a_passed_probe_settles_after_ten_seconds_when_delays_are_short():
+    clock = FakeClock()
+    bl = Blacklist(["a:1"], blacklist_time=60, clock=clock)
+    bl.ban(0, "timed out")
+    assert _restored_then_banned(bl, clock, 9.9) == 2.0  # within settle_time: the same fault
+    assert _restored_then_banned(bl, clock, 10.0) == 1.0
 
 
 def test_a_ban_while_banned_keeps_the_probe_schedule():
