@@ -40,6 +40,8 @@ from djmemcache.servers import Blacklist, Rendezvous
 logger = logging.getLogger("djmemcache.client")
 
 MISS = object()
+#: An item that is there but cannot be read (``Client.get_or_unreadable``).
+UNREADABLE = object()
 
 # The kinds of failure that came out of the socket or the protocol. Anything
 # else raised during a command (a signal handler's exception, gevent.Timeout,
@@ -337,12 +339,12 @@ class Client:
             logger.warning("%s ignored (IGNORE_EXC): %s", command, exc)
         return miss
 
-    def _decode(self, key, raw):
+    def _decode(self, key, raw, unreadable=MISS):
         try:
             return self.serializer.loads(key, *raw)
         except CorruptValue as exc:
             logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
-            return MISS
+            return unreadable
 
     def _item(self, key, value):
         """``(data, flags)`` of a value, or None when memcached could not hold it."""
@@ -519,6 +521,30 @@ class Client:
         server failure as ``DjmemcacheError`` instead of making it a miss:
         get_or_set must tell "the lock is taken" from "the server failed"."""
         return self._call(index, command, method, *args, retry=retry)
+
+    def get_or_unreadable(self, key):
+        """``get``, but UNREADABLE for an item that is there and cannot be
+        read (another client's flags, a bad signature): ``get_or_set`` must
+        replace it, since ``add`` never would."""
+        try:
+            raw = self._call(self._index_for(key), "get", Connection.get, key, retry=True)
+        except DjmemcacheError as exc:
+            return self._failed(exc, "get", MISS)
+        return MISS if raw is None else self._decode(key, raw, UNREADABLE)
+
+    def cas(self, index, key, value, expire, cas):
+        """Store ``value`` on server ``index`` only if the item still has the
+        CAS value ``cas``: None when stored, else why not ("EXISTS": written
+        since; "NOT_FOUND": deleted or expired; "too large"). Server failures
+        are raised, as ``call`` does. Not retried: a lost STORED would come
+        back as EXISTS."""
+        check_expire(expire)
+        item = self._item(key, value)
+        if item is None:
+            return "too large"
+        reason = self._call(index, "cas", Connection.cas, key, item, expire, cas)
+        self._stored("cas", key, reason)  # logs a refusal (SERVER_ERROR)
+        return reason
 
     # -- introspection and shutdown -----------------------------------------
 

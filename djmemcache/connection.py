@@ -723,16 +723,21 @@ class Connection:
     # -- meta get (memcached 1.6+): early refresh, see djmemcache/stampede.py --
 
     def meta_get(self, key, recache):
-        """``(data, flags, won)``, or None on a miss: ``mg <key> v f R<recache>``.
+        """``(data, flags, won, cas, ttl)``, or None on a miss:
+        ``mg <key> v f c t R<recache>``.
 
         ``won`` is memcached's W flag: the item has fewer than ``recache``
         seconds to live and this caller is the one (and only one) told to
-        refresh it; the others get the value with Z. A server that does not
-        speak meta commands answers ERROR (memcached < 1.6: ``ErrorReply``)
-        or closes the connection (twemproxy: ``ConnectionClosed``).
+        refresh it; the others get the value with Z. ``cas`` is the item's
+        CAS value, so that the refresh is stored with ``cas`` and a write
+        made meanwhile wins (0 when memcached runs with ``-C``, None if the
+        server left it out); ``ttl`` its seconds left (-1: no expiry; None
+        if left out). A server that does not speak meta commands answers
+        ERROR (memcached < 1.6: ``ErrorReply``) or closes the connection
+        (twemproxy: ``ConnectionClosed``).
         """
         deadline = self.deadline()
-        self._send(b"mg %s v f R%d\r\n" % (self._wire(key), recache), deadline)
+        self._send(b"mg %s v f c t R%d\r\n" % (self._wire(key), recache), deadline)
         buf = self._recv_first(deadline)
         if buf == b"EN\r\n":
             self.misses += 1
@@ -754,11 +759,16 @@ class Connection:
         if parts[0] != b"VA" or len(parts) < 3:
             _raise_error_line(line)
         length = _check_digits(parts[1], "value length")
-        flags = None
+        flags = cas = ttl = None
         won = False
         for token in parts[2:]:
-            if token[:1] == b"f" and flags is None:
+            kind = token[:1]
+            if kind == b"f" and flags is None:
                 flags = _check_digits(token[1:], "flags")
+            elif kind == b"c" and cas is None:
+                cas = _check_digits(token[1:], "cas value")
+            elif kind == b"t" and ttl is None:
+                ttl = -1 if token == b"t-1" else _check_digits(token[1:], "time to live")
             elif token == b"W":
                 won = True
             elif token not in (b"Z", b"X"):
@@ -768,7 +778,15 @@ class Connection:
         data = self._read_block(length, deadline)
         self._expect_end_of_reply()
         self.hits += 1
-        return data, flags, won
+        return data, flags, won, cas, ttl
+
+    def cas(self, key, item, expire, cas):
+        """``cas``: store ``item`` only if the key's CAS value is still
+        ``cas``. None when stored, else why not: EXISTS (written since),
+        NOT_FOUND (deleted or expired since), SERVER_ERROR (too large)."""
+        data, flags = item
+        return _store_outcome(self._one_line(b"cas %s %d %d %d %d\r\n%s\r\n" % (
+            self._wire(key), flags, expire, len(data), cas, data)))
 
 
 def _store_outcome(line):

@@ -12,9 +12,10 @@ Here, for a callable default:
   and the next poll takes it over; one that dies leaves a lock that expires
   after STAMPEDE_WAIT.
 - With EARLY_REFRESH = n, the value is read with memcached 1.6's meta get
-  ``mg <key> v f R<n>``: once fewer than n seconds are left, memcached hands
-  ONE reader the W flag; that reader recomputes and sets the value while
-  the others keep reading the current one, so a hot key never misses.
+  ``mg <key> v f c t R<n>``: once fewer than n seconds are left, memcached
+  hands ONE reader the W flag; that reader recomputes the value while the
+  others keep reading the current one, so a hot key never misses, and
+  stores it with ``cas``: a write or a delete made meanwhile wins.
 
 Why a lock key rather than memcached's own vivify (``mg <key> N``): vivify
 stores an empty item under the real key, which a plain ``get`` (Django's
@@ -29,6 +30,7 @@ so it never tries there.
 """
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -36,7 +38,7 @@ import threading
 import time
 import weakref
 
-from djmemcache.client import MISS
+from djmemcache.client import MISS, UNREADABLE
 from djmemcache.connection import Connection, ConnectionClosed, ErrorReply
 from djmemcache.exceptions import DjmemcacheError, ServerError
 from djmemcache.options import MAX_KEY_LENGTH
@@ -44,6 +46,11 @@ from djmemcache.options import MAX_KEY_LENGTH
 logger = logging.getLogger("djmemcache.stampede")
 
 LOCK_SUFFIX = "|stampede-lock"
+HASHED_LOCK = "djmemcache-lock:"
+#: What a winner whose value memcached would not keep (too large) leaves in
+#: the lock for the lock's lifetime: the others compute their own at once
+#: instead of waiting, one after another, for a value that never comes.
+UNSTORABLE = b"unstorable"
 #: The first poll comes soon (a computation may be quick), later ones every 25 ms.
 FIRST_POLL = 0.005
 MAX_POLL = 0.025
@@ -52,6 +59,7 @@ MIN_LOCK_TTL = 2
 #: memcached reads a relative expiry only up to 30 days; beyond is a Unix time.
 RELATIVE_EXPIRY_MAX = 60 * 60 * 24 * 30
 
+_tokens = itertools.count(1)
 _guards = weakref.WeakKeyDictionary()
 _guards_lock = threading.Lock()
 
@@ -74,10 +82,28 @@ def _forget_flights_after_fork():
     for guard in list(_guards.values()):
         guard._flights = {}
         guard._flights_lock = threading.Lock()
+        guard._tokens = {}  # the parent's locks are its own to release
+        guard._token_prefix = b"%d." % os.getpid()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_forget_flights_after_fork)
+
+
+class _Claim:
+    """One caller's attempts at the lock of a key on server ``index``.
+
+    ``held``: True once an add of the lock was answered STORED, False when
+    it was answered otherwise (or never sent), None while an add was sent
+    and its answer not read.
+    """
+
+    __slots__ = ("index", "lock", "token", "at", "held", "unstorable")
+
+    def __init__(self, index, lock):
+        self.index, self.lock = index, lock
+        self.token, self.at, self.held = None, 0.0, False
+        self.unstorable = False  # computed, but memcached would not keep it
 
 
 class _Flight:
@@ -87,6 +113,11 @@ class _Flight:
         self.done = threading.Event()
         self.ok = False
         self.value = None
+        self.leader = threading.current_thread()
+
+    def orphaned(self):
+        """True when no thread is computing this flight any more."""
+        return self.leader is threading.current_thread() or not self.leader.is_alive()
 
 
 class Guard:
@@ -99,10 +130,15 @@ class Guard:
         self.lock_ttl = max(MIN_LOCK_TTL, math.ceil(options.stampede_wait))
         self.early_refresh = 0 if options.distribution == "random" else options.early_refresh
         self.max_key_bytes = MAX_KEY_LENGTH - len(options.key_prefix)
+        # A hashed lock key names itself when that leaves 128 bits of hash.
+        self._hashed_lock = HASHED_LOCK if self.max_key_bytes >= len(HASHED_LOCK) + 32 else "~"
+        self._hash_digits = min(64, self.max_key_bytes - len(self._hashed_lock))
         self._flights = {}
         self._flights_lock = threading.Lock()
         self._no_meta = set()  # indexes of servers seen not to speak meta commands
         self._meta_ok = set()  # indexes of servers that answered one
+        self._tokens = {}  # token: thread, of the locks this process's get_or_set calls may hold
+        self._token_prefix = b"%d." % os.getpid()
 
     def get_or_set(self, key, default, timeout, backend_timeout):
         """Django's ``get_or_set`` for a made and validated ``key`` and a
@@ -148,34 +184,57 @@ class Guard:
         self._meta_ok.add(index)
         if reply is None:
             return MISS
-        data, flags, won = reply
+        data, flags, won, cas, ttl = reply
         value = client._decode(key, (data, flags))
         if not won or value is MISS:
             return value
+        if not cas or ttl is None:
+            # memcached run with -C has no CAS values: a refresh could only be
+            # stored blind, over whatever was written while it was computed.
+            if index not in self._no_meta:
+                self._no_meta.add(index)
+                logger.warning("memcached server %s gives no CAS values (run with -C?): EARLY_REFRESH "
+                               "is off for it", client.servers[index])
+            return value
+        read_at = time.monotonic()
         # This caller won the refresh: the others keep reading ``value``. It
         # also takes the lock, so that if the value expires before the fresh
         # one is set (a slow computation, a late clock), callers who miss wait
         # for this computation instead of starting another.
-        lock = self._lock_key(key)
-        locked_at = time.monotonic()
+        claim = _Claim(index, self._lock_key(key))
         try:
-            locked = self._take(index, lock)
-        except DjmemcacheError as exc:
-            logger.debug("early refresh of key %r without the lock: %s", key, exc)
-            locked = False
-        try:
+            try:
+                self._take(claim)
+            except DjmemcacheError as exc:
+                logger.debug("early refresh of key %r without the lock: %s", key, exc)
             fresh = default()
         except Exception:
             logger.warning("early refresh of key %r failed; the current value stays until it expires",
                            key, exc_info=True)
             return value
         else:
-            if not client.set(key, fresh, expire):
-                client.delete(key)  # as Django's set: no stale value after a failed set
-            return fresh
+            return self._store_refresh(index, key, fresh, expire, cas, ttl, read_at)
         finally:
-            if locked:
-                self._release_if_ours(index, lock, locked_at)
+            self._release(claim)
+
+    def _store_refresh(self, index, key, fresh, expire, cas, ttl, read_at):
+        """Store a refresh only in place of the value it refreshes: it may
+        have been computed from older data than a write or a delete made
+        meanwhile, and those win (as Django's ``add`` never overwrites).
+        Returns what the caller gets: ``fresh``, or the write that won."""
+        client = self.client
+        try:
+            reason = client.cas(index, key, fresh, expire, cas)
+            if reason == "NOT_FOUND" and time.monotonic() - read_at >= ttl - 1:
+                # Gone, but maybe only expired (memcached's clock ticks in whole
+                # seconds): then store it as a miss would, with add.
+                reason = None if client.add(key, fresh, expire) else reason
+        except DjmemcacheError as exc:
+            return client._failed(exc, "get_or_set", fresh)
+        if reason != "EXISTS":
+            return fresh
+        stored = client.get(key)
+        return fresh if stored is MISS else stored
 
     def _lacks_meta(self, index, exc):
         if index in self._meta_ok or not isinstance(exc, ServerError):
@@ -201,25 +260,37 @@ class Guard:
     # -- one computation for a missing key ---------------------------------------
 
     def _coalesce(self, key, default, expire):
-        """One thread per process and key runs the protocol; the others wait for its result."""
+        """One thread per process and key runs the protocol; the others wait for its result.
+
+        Whatever is raised wherever (a signal handler's exception, between any
+        two bytecodes), the leader's ``finally`` takes its flight off the books.
+        Should even that be interrupted, a flight whose leader is the calling
+        thread (it is here, so not computing) or a dead thread is replaced at
+        once, and any other waits at most STAMPEDE_WAIT, once: the first
+        waiter to give up on it drops it.
+        """
         deadline = time.monotonic() + self.wait
         while True:
-            with self._flights_lock:
-                flight = self._flights.get(key)
-                leading = flight is None
-                if leading:
-                    flight = self._flights[key] = _Flight()
-            if leading:
-                try:
-                    flight.value = self._compute_once(key, default, expire, deadline)
-                    flight.ok = True
-                    return flight.value
-                finally:
-                    with self._flights_lock:
-                        del self._flights[key]
-                    flight.done.set()
+            mine = _Flight()
+            flight = None
+            try:
+                with self._flights_lock:
+                    flight = self._flights.get(key)
+                    if flight is None or flight.orphaned():
+                        orphan, flight = flight, mine
+                        self._flights[key] = mine
+                        if orphan is not None:
+                            orphan.done.set()  # its waiters: to this flight
+                if flight is mine:
+                    mine.value = self._compute_once(key, default, expire, deadline)
+                    mine.ok = True
+                    return mine.value
+            finally:
+                self._forget(key, mine)
+                mine.done.set()
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not flight.done.wait(remaining):
+                self._forget(key, flight)
                 return self._as_django(key, default, expire)
             if flight.ok:
                 # A copy of its own, as Django's get_or_set gives every caller:
@@ -228,20 +299,40 @@ class Guard:
                 return flight.value if value is MISS else value
             # The leader raised: its lock is gone, and this thread may take it.
 
+    def _forget(self, key, flight):
+        """Take ``flight`` off the books, unless another has replaced it."""
+        with self._flights_lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
     def _compute_once(self, key, default, expire, deadline):
         client = self.client
-        lock = self._lock_key(key)
+        claim = None
         try:
-            index = client.index_for(key)
-            locked_at = time.monotonic()
-            won = self._take(index, lock)
-            pause = FIRST_POLL
-            while not won:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    logger.info("get_or_set of key %r: no value after STAMPEDE_WAIT (%ss), "
-                                "computing it here", key, self.wait)
-                    return self._as_django(key, default, expire)
+            try:
+                claim = _Claim(client.index_for(key), self._lock_key(key))
+                value = self._lock_or_value(key, claim, deadline)
+            except DjmemcacheError as exc:
+                client._failed(exc, "get_or_set", None)  # raises unless IGNORE_EXC
+                value = MISS
+            if value is not MISS:
+                return value
+            return self._compute_and_add(key, default, expire, claim)
+        finally:
+            if claim is not None:
+                self._release(claim)
+
+    def _lock_or_value(self, key, claim, deadline):
+        """Take the lock (MISS: compute now), or poll until the value is
+        there (the value), or until computing here is the thing to do (MISS):
+        the lock is gone and taken, STAMPEDE_WAIT is over, or the winner left
+        word that its value cannot be stored."""
+        client = self.client
+        index, lock = claim.index, claim.lock
+        pause = FIRST_POLL
+        while not self._take(claim):
+            remaining = deadline - time.monotonic()
+            while remaining > 0:
                 time.sleep(min(pause, remaining))
                 pause = min(pause * 1.5, MAX_POLL)
                 found = client.call(index, "get_or_set", Connection.get_many, [key, lock], retry=True)
@@ -249,39 +340,88 @@ class Guard:
                     value = client._decode(key, found[key])
                     if value is not MISS:
                         return value
-                if lock not in found:  # the winner raised or died: take over
-                    locked_at = time.monotonic()
-                    won = self._take(index, lock)
-        except DjmemcacheError as exc:
-            client._failed(exc, "get_or_set", None)  # raises unless IGNORE_EXC
-            return self._compute_and_add(key, default, expire)
-        try:
-            return self._compute_and_add(key, default, expire)
-        finally:
-            self._release_if_ours(index, lock, locked_at)
+                token = found.get(lock, (None,))[0]
+                if token is None:
+                    break  # the winner raised or died: take over
+                if token == UNSTORABLE:
+                    return MISS  # nothing to wait for: compute, as Django does
+                if self._abandoned(token):
+                    client.call(index, "get_or_set", Connection.delete, lock, retry=True)
+                    break
+                remaining = deadline - time.monotonic()
+            else:
+                logger.info("get_or_set of key %r: no value after STAMPEDE_WAIT (%ss), "
+                            "computing it here", key, self.wait)
+                return MISS
+        return MISS
 
-    def _take(self, index, lock):
-        token = b"%d" % os.getpid()  # for whoever looks at the lock with a plain get
-        reason = self.client.call(index, "get_or_set", Connection.store_one, b"add", lock, (token, 0),
-                                  self.lock_ttl)
-        return reason is None
-
-    def _release_if_ours(self, index, lock, locked_at):
-        """Delete the lock taken at ``locked_at``, only while it is surely
-        still ours: after its lifetime another caller may hold it."""
-        if time.monotonic() - locked_at >= self.lock_ttl - 1:
-            return
+    def _take(self, claim):
+        """Try to take ``claim``'s lock; True when this caller holds it."""
+        # Unique, so that an add cut short (by a signal) can tell its own lock.
+        claim.token = b"%d.%d" % (os.getpid(), next(_tokens))  # pid first, for whoever looks
+        claim.at = time.monotonic()
+        self._tokens[claim.token] = threading.current_thread()
+        claim.held = None  # from here on, it may be stored and the answer not known
         try:
-            self.client.call(index, "get_or_set", Connection.delete, lock, retry=True)
+            reason = self.client.call(claim.index, "get_or_set", Connection.store_one, b"add", claim.lock,
+                                      (claim.token, 0), self.lock_ttl)
+        except DjmemcacheError:
+            claim.held = False  # the server failed: not asked again; a lock it stored expires
+            raise
+        claim.held = reason is None
+        return claim.held
+
+    def _release(self, claim):
+        """Delete the claim's lock, only while it is surely still ours: after
+        its lifetime another caller may hold it. An add whose answer was never
+        read (an exception from a signal handler) may have stored it: the lock
+        is read first and deleted only if it carries this claim's token."""
+        client = self.client
+        try:
+            if claim.held is False or time.monotonic() - claim.at >= self.lock_ttl - 1:
+                return
+            if claim.held is None:
+                found = client.call(claim.index, "get_or_set", Connection.get, claim.lock, retry=True)
+                if found is None or found[0] != claim.token:
+                    return
+            if claim.unstorable and claim.held:
+                # Word for the others, for the lock's lifetime: don't wait.
+                client.call(claim.index, "get_or_set", Connection.store_one, b"set", claim.lock,
+                            (UNSTORABLE, 0), self.lock_ttl, retry=True)
+            else:
+                client.call(claim.index, "get_or_set", Connection.delete, claim.lock, retry=True)
         except DjmemcacheError as exc:
             # The lock expires by itself; the value is what matters.
-            logger.debug("get_or_set could not delete lock %r: %s", lock, exc)
+            logger.debug("get_or_set could not delete lock %r: %s", claim.lock, exc)
+        finally:
+            self._tokens.pop(claim.token, None)
+
+    def _abandoned(self, token):
+        """True for a lock this process took and no longer holds, because
+        its release was cut short (by a signal): it would hold the key up
+        until it expires. Its taker is off the books, or is the calling
+        thread (polling, so not computing), or has ended. Another process's
+        lock, or one in use here, is not abandoned."""
+        if not token.startswith(self._token_prefix):
+            return False
+        taker = self._tokens.get(token)
+        if taker is None:
+            return True
+        if taker is threading.current_thread() or not taker.is_alive():
+            self._tokens.pop(token, None)
+            return True
+        return False
 
     def _lock_key(self, key):
+        """The lock of ``key``: beside it, and within memcached's 250 bytes
+        with KEY_PREFIX. A key too long for the suffix gets a hash, cut to
+        the room KEY_PREFIX leaves (at least 10 hex digits: options.py keeps
+        KEY_PREFIX under 240 bytes); a longer lock would make memcached
+        refuse the command line and run the lock's data block as a command."""
         lock = key + LOCK_SUFFIX
         if len(lock.encode("utf-8")) <= self.max_key_bytes:
             return lock
-        return "djmemcache-lock:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+        return self._hashed_lock + hashlib.sha256(key.encode("utf-8")).hexdigest()[:self._hash_digits]
 
     # -- Django's behaviour -------------------------------------------------------
 
@@ -289,10 +429,28 @@ class Guard:
         value = self.client.get(key)
         return self._compute_and_add(key, default, expire) if value is MISS else value
 
-    def _compute_and_add(self, key, default, expire):
+    def _compute_and_add(self, key, default, expire, claim=None):
         """Compute, ``add``, and return what the cache holds then, as Django does:
-        another caller may have added a value between the get and the add."""
+        another caller may have added a value between the get and the add.
+
+        Unlike Django, an unreadable item (another client's flags, a rotated
+        SIGNING_KEY) is replaced with ``set``: ``add`` never would, and every
+        call would compute again, one process after another behind the lock.
+        A value that could not be stored is noted on ``claim``.
+        """
         value = default()
-        self.client.add(key, value, expire)
-        stored = self.client.get(key)
+        client = self.client
+        if client.add(key, value, expire):
+            stored = client.get(key)
+            return value if stored is MISS else stored
+        stored = client.get_or_unreadable(key)
+        if stored is UNREADABLE:
+            if client.set(key, value, expire):
+                return value
+            client.delete(key)  # as Django's set: nothing stale after a failed set
+            stored = MISS
+        if stored is MISS and claim is not None:
+            # Too large, refused, or the server failing (IGNORE_EXC); or, rarely,
+            # deleted since the add: either way, nothing for the others to wait for.
+            claim.unstorable = True
         return value if stored is MISS else stored

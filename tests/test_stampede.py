@@ -5,6 +5,7 @@ dies, early refresh of a hot key, twemproxy, and a server that dies."""
 import asyncio
 import multiprocessing
 import os
+import random
 import signal
 import threading
 import time
@@ -13,10 +14,10 @@ import pytest
 from django.core.cache.backends.memcached import PyMemcacheCache as DjangosPyMemcacheCache
 from django.core.exceptions import ImproperlyConfigured
 
-from djmemcache import DjmemcacheError, ServerError
+from djmemcache import DjmemcacheError, ServerError, stampede
 from djmemcache.options import parse_options
 
-from helpers import run_threads
+from helpers import raw_command, run_threads
 
 FORK = multiprocessing.get_context("fork")
 COMPUTE_SECONDS = 0.2
@@ -265,6 +266,98 @@ def test_refresh_outlived_by_its_value_makes_missing_callers_wait_for_it(mc1, ma
     assert set(seen[:-1]) == {"old"} and len(computations) == 1
 
 
+def _refresh_racing(cache, write):
+    """get_or_set wins the refresh of "page" (v1, 3 s left, EARLY_REFRESH 4),
+    and ``write()`` runs while it computes from v1: what it returns."""
+    database = {"page": "v1"}
+    computing, written = threading.Event(), threading.Event()
+
+    def render():
+        snapshot = database["page"]  # read the database
+        computing.set()
+        assert written.wait(5)
+        return snapshot
+
+    cache.set("page", "v1", timeout=30)
+    cache.touch("page", 3)  # under EARLY_REFRESH's 4 s: the next reader refreshes
+    seen = []
+    refresher = threading.Thread(target=lambda: seen.append(cache.get_or_set("page", render, timeout=30)))
+    refresher.start()
+    assert computing.wait(5)
+    database["page"] = "v2"
+    write()
+    written.set()
+    refresher.join(10)
+    return seen
+
+
+def test_early_refresh_never_overwrites_a_write_made_while_it_computed(mc1, make_cache):
+    cache = make_cache(mc1.location, {"EARLY_REFRESH": 4})
+    seen = _refresh_racing(cache, lambda: cache.set("page", "v2", timeout=30))
+    assert cache.get("page") == "v2"  # not the v1 the refresh computed, for a whole timeout
+    assert seen == ["v2"]  # what the cache holds, as Django's get_or_set returns
+
+
+def test_early_refresh_does_not_bring_back_a_key_deleted_while_it_computed(mc1, make_cache):
+    cache = make_cache(mc1.location, {"EARLY_REFRESH": 4})
+    seen = _refresh_racing(cache, lambda: cache.delete("page"))
+    assert cache.get("page") is None
+    assert seen == ["v1"]  # the caller still gets the value it computed
+
+
+def test_early_refresh_is_off_where_memcached_gives_no_cas_values(memcached_factory, make_cache, caplog):
+    server = memcached_factory(extra_args=["-C"])
+    cache = make_cache(server.location, {"EARLY_REFRESH": 4})
+    computations, default = counted("fresh")
+    cache.set("k", "current", timeout=30)
+    cache.touch("k", 3)
+    # Won the refresh, but could store it only blind: it keeps the current value.
+    assert cache.get_or_set("k", default, timeout=30) == "current"
+    assert computations == [] and cache.get("k") == "current"
+    assert caplog.text.count("gives no CAS values") == 1
+
+
+# -- values that cannot be read or stored -------------------------------------------
+
+def test_unreadable_item_is_replaced_by_the_one_computation(mc1):
+    """An item no reader can use (djmemcache 0.13's flags, a rotated
+    SIGNING_KEY) is a miss, and add() never replaces it: the winner sets its
+    value over it, so the next round hits instead of computing again, one
+    process after another behind the lock."""
+    assert raw_command(mc1.location, b"set :1:report 99 3600 3\r\nold\r\n", until=b"\r\n") == b"STORED\r\n"
+    first, seen = crowd(mc1.location, {"STAMPEDE_WAIT": 10}, "report", processes=3, threads=10)
+    again, seen_again = crowd(mc1.location, {"STAMPEDE_WAIT": 10}, "report", processes=3, threads=10)
+    assert (first, again) == (1, 0)
+    values = {value for _latency, value in seen + seen_again}
+    assert len(values) == 1 and values.pop().startswith("value-from-")
+
+
+def test_value_too_large_to_store_is_computed_at_once_by_the_others(mc1, make_cache):
+    """The winner's value cannot be stored: it leaves word in the lock, and
+    the other processes compute theirs together instead of taking the lock
+    one after another (each computation here takes 1 s: one after another,
+    never two at once)."""
+    running, most = FORK.Value("i", 0), FORK.Value("i", 0)
+
+    def too_large():
+        with running.get_lock():
+            running.value += 1
+            most.value = max(most.value, running.value)
+        time.sleep(1)
+        with running.get_lock():
+            running.value -= 1
+        return "x" * (2 * 1024 * 1024)
+
+    computations, seen = crowd(mc1.location, {"STAMPEDE_WAIT": 30}, "huge", processes=4, threads=5,
+                               compute=too_large)
+    assert [len(value) for _latency, value in seen] == [2 * 1024 * 1024] * 20
+    assert most.value >= 2  # the others did not wait their turns
+    cache = make_cache(mc1.location)
+    assert cache.get("huge") is None
+    lock = raw_command(mc1.location, b"get :1:huge" + stampede.LOCK_SUFFIX.encode() + b"\r\n")
+    assert stampede.UNSTORABLE in lock
+
+
 # -- Django's semantics, and what is stored -------------------------------------
 
 def test_values_keep_djangos_flags_both_ways(mc1, make_cache):
@@ -329,19 +422,127 @@ def test_child_forked_during_a_computation_does_not_wait_for_its_parents_threads
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
-            started = time.monotonic()
-            value = cache.get_or_set("k", lambda: "child's")
-            os.write(write, b"%s %.2f" % (value.encode(), time.monotonic() - started))
+            report = []
+            for _ in range(3):
+                started = time.monotonic()
+                value = cache.get_or_set("k", lambda: "child's")
+                report.append(b"%s %.2f" % (value.encode(), time.monotonic() - started))
+                cache.delete("k")
+            os.write(write, b"|".join(report))
         finally:
             os._exit(0)
     os.close(write)
     with os.fdopen(read, "rb") as pipe:
-        value, seconds = pipe.read().rsplit(b" ", 1)
+        calls = [call.rsplit(b" ", 1) for call in pipe.read().split(b"|")]
     os.waitpid(pid, 0)
     parent.join(10)
     # The parent's computation is the winner's: the child polls it from memcached
-    # (about 1 s), instead of waiting STAMPEDE_WAIT for a thread it does not have.
-    assert value == b"parent's" and float(seconds) < 5
+    # (about 1 s), instead of waiting STAMPEDE_WAIT for a thread it does not have;
+    # and no flight of the parent's is left to wait for after that.
+    assert calls[0][0] == b"parent's" and float(calls[0][1]) < 5
+    assert [value for value, _seconds in calls[1:]] == [b"child's"] * 2
+    assert all(float(seconds) < 2 for _value, seconds in calls[1:]), calls
+
+
+def test_exceptions_from_a_signal_handler_anywhere_in_get_or_set_leave_no_caller_waiting(mc1, make_cache):
+    """SIGALRM raising at random points inside get_or_set (thousands of
+    times): afterwards no flight is left in the process and no call waits,
+    neither for a flight nor for a lock whose release was cut short
+    (STAMPEDE_WAIT 10: either would show as seconds)."""
+    class Alarm(Exception):
+        pass
+
+    def alarm(*_):
+        raise Alarm
+
+    cache = make_cache(mc1.location, {"STAMPEDE_WAIT": 10, "IGNORE_EXC": False})
+    keys = ["sig-%d" % i for i in range(50)]
+    rng = random.Random(6)
+    previous = signal.signal(signal.SIGALRM, alarm)
+    alarms = 0
+    try:
+        stop = time.monotonic() + 3
+        while time.monotonic() < stop:
+            key = rng.choice(keys)
+            try:
+                try:
+                    cache.delete(key)
+                    signal.setitimer(signal.ITIMER_REAL, rng.uniform(0, 0.0012))
+                    cache.get_or_set(key, lambda: "v", timeout=300)
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except Alarm:
+                alarms += 1
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    slowest = 0.0
+    for key in keys:
+        cache.delete(key)
+        started = time.monotonic()
+        assert cache.get_or_set(key, lambda: "after", timeout=300) == "after"
+        slowest = max(slowest, time.monotonic() - started)
+    print("\nSIGALRM in get_or_set: %d alarms raised; then 50 misses, slowest %.3f s" % (alarms, slowest))
+    assert alarms > 100
+    assert slowest < 2
+    assert stampede.guard_for(cache.client)._flights == {}
+
+
+def _flight_left_behind(cache, monkeypatch, key):
+    """get_or_set of ``key`` on this thread, its leader's cleanup interrupted
+    as a signal would: the flight stays on the books."""
+    forget = stampede.Guard._forget
+    calls = []
+
+    def interrupted(guard, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return forget(guard, *args)
+
+    monkeypatch.setattr(stampede.Guard, "_forget", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_or_set(key, lambda: "v")
+    guard = stampede.guard_for(cache.client)
+    assert key in {k.rsplit(":", 1)[-1] for k in guard._flights}
+    cache.delete(key)
+    return guard
+
+
+def test_flight_whose_leader_is_this_thread_or_dead_is_taken_over_at_once(mc1, make_cache, monkeypatch):
+    cache = make_cache(mc1.location, {"STAMPEDE_WAIT": 10})
+    guard = _flight_left_behind(cache, monkeypatch, "k")
+    started = time.monotonic()
+    assert cache.get_or_set("k", lambda: "again") == "again"  # the same thread: it is not computing
+    assert time.monotonic() - started < 2 and guard._flights == {}
+
+    thread = threading.Thread(target=_flight_left_behind, args=(cache, monkeypatch, "k2"))
+    thread.start()
+    thread.join()
+    assert guard._flights  # left behind by a thread that has ended
+    started = time.monotonic()
+    assert cache.get_or_set("k2", lambda: "again") == "again"
+    assert time.monotonic() - started < 2 and guard._flights == {}
+
+
+def test_flight_left_behind_costs_one_waiter_stampede_wait_once(mc1, make_cache, monkeypatch):
+    cache = make_cache(mc1.location, {"STAMPEDE_WAIT": 1})
+    guard = _flight_left_behind(cache, monkeypatch, "k")  # this thread lives on
+    seconds = []
+
+    def call():
+        started = time.monotonic()
+        seen = cache.get_or_set("k", lambda: "computed")
+        seconds.append(time.monotonic() - started)
+        cache.delete("k")
+        return seen
+
+    for _ in range(3):
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join()
+    assert seconds[0] >= 1 - 0.05  # waited for the flight, once, then dropped it
+    assert max(seconds[1:]) < 0.9, seconds
+    assert guard._flights == {}
 
 
 def test_guard_does_not_keep_its_client_alive(mc1):
@@ -359,11 +560,25 @@ def test_guard_does_not_keep_its_client_alive(mc1):
     assert dead() is None
 
 
-def test_long_keys_get_a_lock_key_memcached_accepts(mc1, make_cache):
-    cache = make_cache(mc1.location)
-    key = "x" * 240
-    assert cache.get_or_set(key, lambda: "long") == "long"
-    assert cache.get(key) == "long"
+@pytest.mark.parametrize("prefix_bytes", [0, 170, 200, 239])
+def test_long_keys_get_a_lock_key_memcached_accepts_whatever_the_key_prefix(mc1, make_cache, prefix_bytes):
+    """The lock of a key too long for the suffix is a hash cut to the room
+    KEY_PREFIX leaves: with a 200-byte prefix, the 80-character hashed lock
+    went past 250 bytes, memcached refused the line and ran the lock's data
+    block as a command."""
+    cache = make_cache(mc1.location, {"KEY_PREFIX": "p" * prefix_bytes, "IGNORE_EXC": False, "STAMPEDE_WAIT": 10})
+    room = 250 - prefix_bytes - len(":1:")
+    keys = {"x" * room, "y" * min(44, room), "é" * (room // 2)}
+    for key in keys:
+        computations, default = counted(key[:5])
+        seen = []
+        assert run_threads(5, lambda _: seen.append(cache.get_or_set(key, default, timeout=60))) == []
+        assert seen == [key[:5]] * 5 and len(computations) == 1
+        assert cache.get(key) == key[:5]
+    guard = stampede.guard_for(cache.client)
+    locks = {guard._lock_key(cache.make_key(key)) for key in keys}
+    assert len(locks) == len(keys)
+    assert all(len(lock.encode()) + prefix_bytes <= 250 for lock in locks)
 
 
 # -- where meta commands are not spoken ---------------------------------------------
@@ -415,6 +630,8 @@ def scripted():
     b"VA 5 f-1\r\nhello\r\n",
     b"VA 5\r\nhello\r\n",  # no client flags
     b"VA 5 f0 Q\r\nhello\r\n",  # a flag not asked for
+    b"VA 5 f0 c-7 t1 W\r\nhello\r\n",  # a CAS value that is no number
+    b"VA 5 f0 c7 t1x W\r\nhello\r\n",
     b"VA 5 f0\r\nhelloXX",  # no CRLF after the data
     b"VA 5 f0\r\nhello\r\nEN\r\n",  # more than the reply
     b"HD f0\r\n",
@@ -431,7 +648,7 @@ def test_meta_get_replies_that_break_the_protocol_are_server_errors(make_cache, 
 
 
 def test_meta_get_reply_in_pieces_is_read_whole(make_cache, scripted):
-    server = scripted(b"VA 5 f0 W\r\nhello\r\n", piece=3)
+    server = scripted(b"VA 5 f0 c7 t1 W\r\nhello\r\n", piece=3)
     cache = make_cache(server.location, {"EARLY_REFRESH": 2, "IGNORE_EXC": False, "TIMEOUT": 2})
     # Won the refresh (W): recomputed and set, the fresh value returned.
     assert cache.get_or_set("k", lambda: "fresh") == "fresh"
