@@ -64,6 +64,9 @@ WORKLOADS = {
     "get_many50-str-3": (3, lambda j: "value %d" % j, lambda cache: cache.get_many(KEYS)),
     "get_many50-1": (1, pickled, lambda cache: cache.get_many(KEYS)),
     "set_many50-3": (3, pickled, lambda cache: cache.set_many({k: pickled(1) for k in KEYS})),
+    "get_many10-1": (1, pickled, lambda cache: cache.get_many(KEYS[:10])),
+    "get_many10-3": (3, pickled, lambda cache: cache.get_many(KEYS[:10])),
+    "get-3": (3, lambda j: "small value", lambda cache: cache.get("obj:1")),
     "get-1": (1, lambda j: "small value", lambda cache: cache.get("obj:1")),
 }
 
