@@ -274,9 +274,15 @@ class Client:
                 except BaseException as exc:
                     results.append((batch, self._settle(index, conn, command, exc, retry, send, read, batch)))
                     held.pop()
+            waited = False
             while held:
                 index, conn, batch, token = held[0]
                 try:
+                    if not waited:
+                        # Right after the sends the first reply is not there yet: a
+                        # poll now saves a recv that would find nothing.
+                        waited = True
+                        conn.await_reply(deadline)
                     outcome = read(conn, token, deadline)
                 except BaseException as exc:
                     outcome = self._settle(index, conn, command, exc, retry, send, read, batch)
@@ -406,14 +412,17 @@ class Client:
             groups = self._group(keys)
         except DjmemcacheError as exc:
             return self._failed(exc, "get_many", found)
+        raw = {}
         for _batch, outcome in self._pipeline(
             "get", groups, Connection.send_get_many, Connection.read_get_many, retry=True
         ):
             if isinstance(outcome, DjmemcacheError):
                 self._failed(outcome, "get_many", None)
-                continue
-            values, corrupt = self.serializer.loads_many(outcome)
-            found.update(values)
+            else:
+                raw.update(outcome)
+        if raw:
+            # Decoded once for every server: one call, not one per server.
+            found, corrupt = self.serializer.loads_many(raw)
             for key, exc in corrupt:
                 logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
         return found
