@@ -17,7 +17,7 @@ from djmemcache.exceptions import (
     ServerError,
 )
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 __all__ = [
     "DjmemcacheError",
