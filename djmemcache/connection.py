@@ -768,6 +768,19 @@ class Connection:
         self.hits += 1
         return data, flags, won, cas, ttl
 
+    def add_then_get(self, lock, item, expire, key):
+        """``add`` of ``lock``, then ``get`` of ``key``, in one round trip:
+        ``(None if stored else why not, (data, flags) of key or None)``."""
+        data, flags = item
+        wire = self._wire(key)
+        deadline = self.deadline()
+        self._send(b"add %s %d %d %d\r\n%s\r\nget %s\r\n" % (
+            self._wire(lock), flags, expire, len(data), data, wire), deadline)
+        self._buf = self._recv_first(deadline)
+        reason = _store_outcome(self._read_line(deadline))
+        buf, self._buf = self._buf, b""
+        return reason, self._read_values({wire: key}, buf or self._recv(deadline), deadline).get(key)
+
     def cas(self, key, item, expire, cas):
         """``cas``: store ``item`` only if the key's CAS value is still
         ``cas``. None when stored, else why not: EXISTS (written since),
