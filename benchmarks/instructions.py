@@ -12,6 +12,7 @@ Keep the per-function split with ``--keep DIR`` (then ``callgrind_annotate``).
 
 import argparse
 import gc
+import itertools
 import os
 import re
 import shutil
@@ -36,12 +37,36 @@ def pickled(j):
     return {"id": j, "name": "object %d" % j, "body": "x" * 180, "tags": ["a", "b"]}
 
 
+_REQUESTS = itertools.count(1)
+
+
+def site_request(cache):
+    """bench.py's threads-request, one thread: get, set, get_many(10 keys) and a
+    missing get between request_started and request_finished (Django calls
+    close() on the cache at the end), over this workload's servers."""
+    from django.core.signals import request_finished, request_started
+
+    i = next(_REQUESTS)
+    n = (i * 8) % 200
+    request_started.send(sender=None)
+    cache.get("user:%d" % n)
+    cache.set("user:%d" % n, {"id": n, "name": "user %d" % n})
+    cache.get_many(["obj:%d" % ((n + j) % 50) for j in range(10)])
+    cache.get("missing:%d" % i)
+    request_finished.send(sender=None)
+
+
 # name: (servers, fill, call) - call(cache) is one counted call.
 WORKLOADS = {
+    "request-1": (1, lambda j: {"id": j, "title": "item %d" % j}, site_request),
+    "request-3": (3, lambda j: {"id": j, "title": "item %d" % j}, site_request),
     "get_many50-3": (3, pickled, lambda cache: cache.get_many(KEYS)),
     "get_many50-str-3": (3, lambda j: "value %d" % j, lambda cache: cache.get_many(KEYS)),
     "get_many50-1": (1, pickled, lambda cache: cache.get_many(KEYS)),
     "set_many50-3": (3, pickled, lambda cache: cache.set_many({k: pickled(1) for k in KEYS})),
+    "get_many10-1": (1, pickled, lambda cache: cache.get_many(KEYS[:10])),
+    "get_many10-3": (3, pickled, lambda cache: cache.get_many(KEYS[:10])),
+    "get-3": (3, lambda j: "small value", lambda cache: cache.get("obj:1")),
     "get-1": (1, lambda j: "small value", lambda cache: cache.get("obj:1")),
 }
 

@@ -108,6 +108,10 @@ def parse_server(spec):
     return Server(spec, (host, port), "%s:%s" % (host, port))
 
 
+#: Keys whose server ``Rendezvous`` remembers (per set of live servers).
+PLACEMENT_MEMO = 4096
+
+
 def _hash_key_bytes(text):
     # pymemcache's murmur3 hashes ord(char) & 0xFF of each character; for
     # non-ASCII keys build the same bytes so placement stays identical.
@@ -130,6 +134,27 @@ class Rendezvous:
         self._prefixes = [(node + "-").encode("utf-8") for node in self.nodes]
         self._ascii_prefixes = all(node.isascii() for node in self.nodes)
         self._fast = use_c and _mmh3_hash is not None and self._ascii_prefixes
+        # (candidates, {key: index}, hash order): replaced whole, never changed
+        # in place, so a thread reads one consistent set (see _placed_for).
+        self._placed = ((), {}, [])
+
+    def _placed_for(self, candidates):
+        """``(memo, scored)`` for ``candidates``: the keys already placed among
+        them, and the candidates in tie-break order with their hash prefixes.
+
+        Why a memo: a site asks for the same hot keys over and over, and each
+        placement is one murmur3 per live server (most of a small
+        ``get_many``'s per-key cost). It is bounded (``PLACEMENT_MEMO``
+        keys, then started afresh) and tied to one set of candidates: when
+        the blacklist changes the live servers, it starts afresh too.
+        """
+        placed = self._placed
+        if (placed[0] is not candidates and placed[0] != tuple(candidates)) or len(placed[1]) >= PLACEMENT_MEMO:
+            nodes = self.nodes
+            order = sorted(candidates, key=lambda i: (nodes[i], -i), reverse=True)
+            placed = (tuple(candidates), {}, [(self._prefixes[i], i) for i in order])
+            self._placed = placed
+        return placed[1], placed[2]
 
     def score(self, index, key):
         if self._fast:
@@ -140,6 +165,13 @@ class Rendezvous:
         """Index of the winning server for ``key`` among ``candidates`` (indexes)."""
         if len(candidates) == 1:
             return candidates[0]
+        memo, _scored = self._placed_for(candidates)
+        index = memo.get(key)
+        if index is None:
+            index = memo[key] = self._choose(key, candidates)
+        return index
+
+    def _choose(self, key, candidates):
         if self._fast:
             data = _hash_key_bytes(key)
             prefixes = self._prefixes
@@ -174,20 +206,25 @@ class Rendezvous:
             for key in keys:
                 groups.setdefault(self.choose(key, candidates), []).append(key)
             return groups
-        nodes = self.nodes
-        order = sorted(candidates, key=lambda i: (nodes[i], -i), reverse=True)
-        lists = [[] for _ in order]
-        scored = list(zip([self._prefixes[i] for i in order], lists, strict=True))
+        memo, scored = self._placed_for(candidates)
+        groups = {}
         hash_ = _mmh3_hash
         for key in keys:
-            data = key.encode("ascii") if key.isascii() else _hash_key_bytes(key)
-            best_score = -1
-            for prefix, members in scored:
-                score = hash_(prefix + data, 0, False)
-                if score > best_score:
-                    best_score, best = score, members
-            best.append(key)
-        return {index: members for index, members in zip(order, lists, strict=True) if members}
+            index = memo.get(key)
+            if index is None:
+                data = key.encode("ascii") if key.isascii() else _hash_key_bytes(key)
+                best_score = -1
+                for prefix, candidate in scored:
+                    score = hash_(prefix + data, 0, False)
+                    if score > best_score:
+                        best_score, index = score, candidate
+                memo[key] = index
+            members = groups.get(index)
+            if members is None:
+                groups[index] = [key]
+            else:
+                members.append(key)
+        return groups
 
 
 class Blacklist:

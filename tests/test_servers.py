@@ -68,7 +68,25 @@ def test_batch_placement_puts_every_key_where_choose_does(use_c, nodes, live):
     expected = {}
     for key in keys:
         expected.setdefault(ours.choose(key, live), []).append(key)
-    assert ours.group(keys, live) == expected
+    # A fresh ring: group's own placement, not what choose left in the memo.
+    assert Rendezvous(nodes, use_c=use_c).group(keys, live) == expected
+    assert ours.group(keys, live) == expected  # and from the memo
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+def test_remembered_placement_follows_the_live_servers(use_c):
+    nodes = ["a:1", "b:2", "c:3", "d:4"]
+    everyone = RendezvousHash(nodes=list(nodes))
+    without_b = RendezvousHash(nodes=list(nodes))
+    without_b.remove_node("b:2")
+    ours = Rendezvous(nodes, use_c=use_c)
+    keys = _random_keys(servers.PLACEMENT_MEMO + 500 if use_c else 1_000)
+    for live, theirs in [((0, 1, 2, 3), everyone), ((0, 2, 3), without_b), ([0, 1, 2, 3], everyone)]:
+        for _ in range(2):  # placed, then remembered
+            assert [nodes[ours.choose(k, live)] for k in keys] == [theirs.get_node(k) for k in keys]
+            grouped = ours.group(keys, live)
+            assert {key: nodes[i] for i, members in grouped.items() for key in members} == {
+                k: theirs.get_node(k) for k in keys}
 
 
 def test_single_live_server_is_chosen_without_hashing():
