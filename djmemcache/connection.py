@@ -740,9 +740,9 @@ class Connection:
         seconds to live and this caller is the one (and only one) told to
         refresh it; the others get the value with Z. ``cas`` is the item's
         CAS value, so that the refresh is stored with ``cas`` and a write
-        made meanwhile wins (0 when memcached runs with ``-C``, None if the
-        server left it out); ``ttl`` its seconds left (-1: no expiry; None
-        if left out). A server that does not speak meta commands answers
+        made meanwhile wins (0 when memcached runs with ``-C``), and ``ttl``
+        its seconds left (-1: no expiry); both are None when not ``won`` or
+        left out by the server. A server that does not speak meta commands answers
         ERROR (memcached < 1.6: ``ErrorReply``) or closes the connection
         (twemproxy: ``ConnectionClosed``).
         """
@@ -765,30 +765,31 @@ class Connection:
             self._expect_end_of_reply()
             self.misses += 1
             return None
-        parts = line.split(b" ")
-        if parts[0] != b"VA" or len(parts) < 3:
-            _raise_error_line(line)
-        length = _check_digits(parts[1], "value length")
-        flags = cas = ttl = None
-        won = False
-        for token in parts[2:]:
-            kind = token[:1]
-            if kind == b"f" and flags is None:
-                flags = _check_digits(token[1:], "flags")
-            elif kind == b"c" and cas is None:
-                cas = _check_digits(token[1:], "cas value")
-            elif kind == b"t" and ttl is None:
-                ttl = -1 if token == b"t-1" else _check_digits(token[1:], "time to live")
-            elif token == b"W":
-                won = True
-            elif token not in (b"Z", b"X"):
-                raise ProtocolError("unexpected meta get flag %r" % token[:32])
-        if flags is None:
-            raise ProtocolError("meta get reply without client flags: %r" % line[:64])
+        usual = _META_LINE.fullmatch(line)
+        if usual is not None:  # memcached's own reply, checked and split in one C call
+            length, flags, cas, ttl, tail = usual.groups()
+            length, flags = int(length), int(flags)
+            won = b"W" in tail
+            cas, ttl = (int(cas), int(ttl)) if won else (None, None)  # only a refresh needs them
+        else:
+            length, flags, won, cas, ttl = _meta_fields(line)
         data = self._read_block(length, deadline)
         self._expect_end_of_reply()
         self.hits += 1
         return data, flags, won, cas, ttl
+
+    def add_then_get(self, lock, item, expire, key):
+        """``add`` of ``lock``, then ``get`` of ``key``, in one round trip:
+        ``(None if stored else why not, (data, flags) of key or None)``."""
+        data, flags = item
+        wire = self._wire(key)
+        deadline = self.deadline()
+        self._send(b"add %s %d %d %d\r\n%s\r\nget %s\r\n" % (
+            self._wire(lock), flags, expire, len(data), data, wire), deadline)
+        self._buf = self._recv_first(deadline)
+        reason = _store_outcome(self._read_line(deadline))
+        buf, self._buf = self._buf, b""
+        return reason, self._read_values({wire: key}, buf or self._recv(deadline), deadline).get(key)
 
     def cas(self, key, item, expire, cas):
         """``cas``: store ``item`` only if the key's CAS value is still
@@ -797,6 +798,38 @@ class Connection:
         data, flags = item
         return _store_outcome(self._one_line(b"cas %s %d %d %d %d\r\n%s\r\n" % (
             self._wire(key), flags, expire, len(data), cas, data)))
+
+
+#: memcached's reply line to ``mg <key> v f c t R<n>``: length, flags, CAS
+#: value, time to live, then W, Z or X (any order, each at most once).
+_META_LINE = re.compile(rb"VA (\d{1,20}) f(\d{1,20}) c(\d{1,20}) t(-1|\d{1,20})((?: [WZX])*)")
+
+
+def _meta_fields(line):
+    """``(length, flags, won, cas, ttl)`` of a meta get reply line in any
+    other form (flags in another order, or left out: cas and ttl are then
+    None); ``ProtocolError`` for anything not asked for or malformed."""
+    parts = line.split(b" ")
+    if parts[0] != b"VA" or len(parts) < 3:
+        _raise_error_line(line)
+    length = _check_digits(parts[1], "value length")
+    flags = cas = ttl = None
+    won = False
+    for token in parts[2:]:
+        kind = token[:1]
+        if kind == b"f" and flags is None:
+            flags = _check_digits(token[1:], "flags")
+        elif kind == b"c" and cas is None:
+            cas = _check_digits(token[1:], "cas value")
+        elif kind == b"t" and ttl is None:
+            ttl = -1 if token == b"t-1" else _check_digits(token[1:], "time to live")
+        elif token == b"W":
+            won = True
+        elif token not in (b"Z", b"X"):
+            raise ProtocolError("unexpected meta get flag %r" % token[:32])
+    if flags is None:
+        raise ProtocolError("meta get reply without client flags: %r" % line[:64])
+    return length, flags, won, cas, ttl
 
 
 def _store_outcome(line):

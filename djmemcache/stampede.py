@@ -22,7 +22,7 @@ stores an empty item under the real key, which a plain ``get`` (Django's
 ``get``, or any other client of the cache) would then read as a value;
 ``add`` of another key leaves the real key as Django expects it, works on
 every memcached and through twemproxy, and costs nothing on a hit and two
-round trips (add, delete) on a miss. Meta get is only used where it is
+round trips (add, sent with a get of the key; delete) on a miss. Meta get is only used where it is
 needed (early refresh), and a server that does not speak it (memcached
 < 1.6 answers ERROR, twemproxy closes the connection) is noticed once and
 read with a plain ``get`` from then on; DISTRIBUTION="random" means proxies,
@@ -330,7 +330,14 @@ class Guard:
         client = self.client
         index, lock = claim.index, claim.lock
         pause = FIRST_POLL
-        while not self._take(claim):
+        while True:
+            raw = self._take(claim, key)
+            if raw is not None:
+                value = client._decode(key, raw)
+                if value is not MISS:
+                    return value  # stored meanwhile (a lock taken is released)
+            if claim.held:
+                return MISS
             remaining = deadline - time.monotonic()
             while remaining > 0:
                 time.sleep(min(pause, remaining))
@@ -353,23 +360,30 @@ class Guard:
                 logger.info("get_or_set of key %r: no value after STAMPEDE_WAIT (%ss), "
                             "computing it here", key, self.wait)
                 return MISS
-        return MISS
 
-    def _take(self, claim):
-        """Try to take ``claim``'s lock; True when this caller holds it."""
+    def _take(self, claim, key=None):
+        """Try to take ``claim``'s lock (``claim.held``: True when this caller
+        holds it). With ``key``: read it in the same round trip, and return
+        its raw item or None. A caller whose first get missed may come here
+        after the winner has stored the value and released the lock: without
+        this look, it would take the lock and compute the value again."""
         # Unique, so that an add cut short (by a signal) can tell its own lock.
         claim.token = b"%d.%d" % (os.getpid(), next(_tokens))  # pid first, for whoever looks
         claim.at = time.monotonic()
         self._tokens[claim.token] = threading.current_thread()
         claim.held = None  # from here on, it may be stored and the answer not known
         try:
-            reason = self.client.call(claim.index, "get_or_set", Connection.store_one, b"add", claim.lock,
-                                      (claim.token, 0), self.lock_ttl)
+            if key is None:
+                reason, raw = self.client.call(claim.index, "get_or_set", Connection.store_one, b"add",
+                                               claim.lock, (claim.token, 0), self.lock_ttl), None
+            else:
+                reason, raw = self.client.call(claim.index, "get_or_set", Connection.add_then_get,
+                                               claim.lock, (claim.token, 0), self.lock_ttl, key)
         except DjmemcacheError:
             claim.held = False  # the server failed: not asked again; a lock it stored expires
             raise
         claim.held = reason is None
-        return claim.held
+        return raw
 
     def _release(self, claim):
         """Delete the claim's lock, only while it is surely still ours: after

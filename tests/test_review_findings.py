@@ -180,9 +180,15 @@ def test_seconds_options_out_of_range_are_refused_naming_the_option(make_cache, 
 ])
 def test_seconds_options_at_the_ends_of_their_range_work_on_memcached(make_cache, mc1, options):
     cache = make_cache(mc1.location, options)
-    cache.set("k", "v")
-    assert cache.get("k") == "v"
-    assert cache.get_many(["k"]) == {"k": "v"}
+    # A 1 ms TIMEOUT is met on loopback, except when a loaded machine stalls
+    # this thread: then that call is a miss (BLACKLIST_TIME 0: nothing is
+    # banned), and a later try goes through.
+    for _ in range(50):
+        cache.set("k", "v")
+        if cache.get("k") == "v" and cache.get_many(["k"]) == {"k": "v"}:
+            break
+    else:
+        pytest.fail("no set/get round trip in 50 tries with %r" % options)
 
 
 def test_shortest_timeout_still_times_out_a_stopped_server(make_cache, memcached_factory):

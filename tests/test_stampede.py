@@ -95,6 +95,30 @@ def test_missing_key_is_computed_once_by_200_callers_in_4_processes(mc1):
     assert slowest < 5.0  # STAMPEDE_WAIT: nobody gave up waiting (in practice ~0.3 s)
 
 
+def test_caller_whose_miss_is_answered_before_it_takes_the_lock_does_not_compute(mc1, make_cache, monkeypatch):
+    """A late caller (a loaded machine) whose first get missed, while the
+    winner stored the value and released the lock before this caller's add
+    of the lock: the add carries a get of the key, so it takes the value
+    instead of computing it a second time (seen in the 200-caller crowd)."""
+    from djmemcache.client import MISS, Client
+
+    cache = make_cache(mc1.location)
+    cache.set("k", "stored meanwhile")
+    real_get = Client.get
+    calls = []
+
+    def late_get(client, key):
+        calls.append(key)
+        return MISS if len(calls) == 1 else real_get(client, key)
+
+    monkeypatch.setattr(Client, "get", late_get)
+    computations, default = counted("computed again")
+    assert cache.get_or_set("k", default) == "stored meanwhile"
+    assert computations == []
+    monkeypatch.undo()
+    assert cache.get("k" + stampede.LOCK_SUFFIX) is None  # the lock taken is released
+
+
 def test_djangos_own_get_or_set_computes_once_per_caller(mc1):
     """The behaviour this replaces, measured the same way: what STAMPEDE_PROTECTION=False keeps."""
     computations, seen = crowd(mc1.location, {"STAMPEDE_PROTECTION": False}, "popular",
@@ -111,10 +135,11 @@ def test_threads_of_one_process_share_one_poller(mc1, make_cache):
     seen = []
     errors = run_threads(30, lambda _: seen.append(cache.get_or_set("k", default)))
     assert errors == [] and seen == ["v"] * 30 and len(computations) == 1
-    # At most: 30 first gets, the winner's get after its add, a get each for the
-    # 29 others (a copy of their own): no polls at all, since the one poller was
-    # the winner. Fewer when a late thread's first get already hits (loaded machine).
-    assert mc1.stats()["cmd_get"] - before <= 30 + 1 + 29
+    # At most: 30 first gets, the winner's get sent with its lock's add and its
+    # get after its add, a get each for the 29 others (a copy of their own): no
+    # polls at all, since the one poller was the winner. Fewer when a late
+    # thread's first get already hits (loaded machine).
+    assert mc1.stats()["cmd_get"] - before <= 30 + 2 + 29
 
 
 # -- a winner that fails ------------------------------------------------------
