@@ -274,15 +274,9 @@ class Client:
                 except BaseException as exc:
                     results.append((batch, self._settle(index, conn, command, exc, retry, send, read, batch)))
                     held.pop()
-            waited = False
             while held:
                 index, conn, batch, token = held[0]
                 try:
-                    if not waited:
-                        # Right after the sends the first reply is not there yet: a
-                        # poll now saves a recv that would find nothing.
-                        waited = True
-                        conn.await_reply(deadline)
                     outcome = read(conn, token, deadline)
                 except BaseException as exc:
                     outcome = self._settle(index, conn, command, exc, retry, send, read, batch)

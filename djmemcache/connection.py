@@ -413,19 +413,9 @@ class Connection:
         profiler's, a watchdog's, SIGSTOP/SIGCONT) waited on a hung server
         until the signals stopped; ``poll`` is restarted with the time left.
         """
-        self.await_reply(deadline)
-        return self._recv(deadline)
-
-    def await_reply(self, deadline):
-        """Wait for the first bytes of a reply sent for just now (see ``_recv_first``).
-
-        A pipeline calls it before its first read only: the replies of the
-        servers read after that have usually arrived meanwhile and are read
-        without a wait (and without giving up the GIL). Elsewhere (TLS,
-        gevent) the read itself waits.
-        """
         if self._recv_now is not None and not self._green:
             _wait(self.sock, select.POLLIN, deadline, False, self._poller)
+        return self._recv(deadline)
 
     def _read_line(self, deadline):
         """One reply line, without its CRLF."""
