@@ -373,18 +373,15 @@ class Connection:
             while True:
                 received = _recv_without_releasing_gil(
                     sock.fileno(), self._recv_now, _size_t(min(size, RECV_NOW_SIZE)), _RECV_NOW_FLAGS)
-                if received > 0:
-                    if deadline is not None and _monotonic() > deadline + self.timeout:
-                        _flooded()
-                    return self._rview[:received].tobytes()
-                if received == 0:
-                    raise ConnectionClosed("connection closed by the server")
+                if received >= 0:
+                    data = self._rview[:received].tobytes()
+                    break
                 err = _get_errno()
                 if err not in _WOULD_BLOCK:
                     raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
                 if err != errno.EINTR:
                     _wait(sock, select.POLLIN, deadline, self._green, self._poller)
-        if self._tls:
+        elif self._tls:
             while True:
                 try:
                     data = sock.recv(size)
@@ -399,7 +396,10 @@ class Connection:
         if not data:
             raise ConnectionClosed("connection closed by the server")
         if deadline is not None and _monotonic() > deadline + self.timeout:
-            _flooded()
+            # A reply still arriving at twice TIMEOUT: whatever the server
+            # declares, the call ends (a flood of lines would otherwise hold
+            # it, and the GIL).
+            raise IOTimeout("reply still arriving at twice TIMEOUT")
         return data
 
     def _recv_first(self, deadline):
@@ -828,9 +828,3 @@ def _store_outcome(line):
     if line == b"NOT_STORED" or line == b"EXISTS" or line == b"NOT_FOUND" or line.startswith(b"SERVER_ERROR"):
         return line[:200].decode("ascii", "replace")
     _raise_error_line(line)
-
-
-def _flooded():
-    """A reply still arriving at twice TIMEOUT: whatever the server declares,
-    the call ends (a flood of lines would otherwise hold it, and the GIL)."""
-    raise IOTimeout("reply still arriving at twice TIMEOUT")

@@ -109,10 +109,10 @@ def _bad(name, value, expected):
 def _seconds(name, value, minimum=0.0, maximum=MAX_SECONDS, allow_none=False):
     """A number of seconds from ``minimum`` to ``maximum``.
 
-    Bounded both ways because these reach ``poll`` and the kernel: past about
-    2.1e6 s ``poll``'s milliseconds overflow (a raw OverflowError on every
-    call), and below a microsecond ``SO_RCVTIMEO`` rounds to 0, which means
-    wait forever. A day is longer than anyone waits on memcached.
+    Bounded both ways because these reach ``poll``: past about 2.1e6 s its
+    milliseconds overflow (a raw OverflowError on every call), and it counts
+    nothing shorter than a millisecond. A day is longer than anyone waits on
+    memcached.
     """
     if value is None and allow_none:
         return None
