@@ -13,6 +13,7 @@ Everything it started is stopped at the end, also on Ctrl-C.
 """
 
 import argparse
+import collections
 import http.client
 import json
 import os
@@ -129,7 +130,7 @@ class Traffic:
     def __init__(self, site, threads):
         self.site = site
         self.threads = threads
-        self.records = []  # (started, seconds, status)
+        self.records = []  # (started, seconds, status, path template)
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.workers = []
@@ -149,7 +150,7 @@ class Traffic:
             except OSError:
                 status = 0
             with self.lock:
-                self.records.append((started, time.monotonic() - started, status))
+                self.records.append((started, time.monotonic() - started, status, template))
 
     def start(self):
         self.workers = [threading.Thread(target=self.worker, args=(i,), daemon=True) for i in range(self.threads)]
@@ -272,9 +273,17 @@ def run(args):
            final_status, locations)
 
 
+def describe_errors(errors):
+    """The count, then which status on which page (0 = no HTTP answer at all)."""
+    total = sum(errors.values())
+    if not total:
+        return "0"
+    return "%d (%s)" % (total, ", ".join("%d x %s on %s" % (n, status or "no answer", path)
+                                          for (status, path), n in sorted(errors.items())))
+
+
 def report(records, started, elapsed, opened, compare, timeline, window, status, locations):
-    ok = [r for r in records if r[2] == 200]
-    errors = len(records) - len(ok)
+    errors = collections.Counter((r[2], r[3].split("/%")[0]) for r in records if r[2] != 200)
     hits = sum(s.get("hits", 0) for s in status)
     misses = sum(s.get("misses", 0) for s in status)
     print()
@@ -282,7 +291,7 @@ def report(records, started, elapsed, opened, compare, timeline, window, status,
     print("what happened (%.0f s)" % elapsed)
     print("=" * 78)
     rows = [["requests served", "%d (%.0f/s)" % (len(records), len(records) / elapsed)],
-            ["errors (non-200)", str(errors)],
+            ["errors (non-200)", describe_errors(errors)],
             ["cache hit rate", "%.1f%% (%d hits, %d misses)" % (100.0 * hits / max(1, hits + misses), hits, misses)],
             ["latency p50 / p90 / p99 / max", " / ".join(ms(percentile([r[1] for r in records], q))
                                                          for q in (0.5, 0.9, 0.99, 1.0))]]
@@ -298,6 +307,9 @@ def report(records, started, elapsed, opened, compare, timeline, window, status,
         rows.append(["  Django's PyMemcacheCache", "%d for %d requests (%.0f per 1,000)"
                      % (django_opened, requests, 1000.0 * django_opened / max(1, requests))])
     table(rows, ["", "djmemcache"])
+    if (400, "/visit") in errors:
+        print("  (a 400 on /visit is Django's SessionInterrupted: the session was read just before\n"
+              "   its server stopped, and Django refuses to save a session it can no longer read)")
 
     print()
     print("requests per second (each column one second; ▒ marks the stopped server)")

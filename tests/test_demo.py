@@ -35,7 +35,12 @@ def test_demo_serves_traffic_through_a_hung_server_and_cleans_up():
     assert proc.returncode == 0, out
     started = _started_pids(out)
     assert len(started) == 4 and not [pid for pid in started if _alive(pid)]
-    assert "errors (non-200)" in out and re.search(r"errors \(non-200\)\s+0\b", out), out
+    # The one error a stopped server may cause: a request that read its session just
+    # before the SIGSTOP cannot save it (Django's SessionInterrupted, a 400), at most
+    # one per traffic thread. Nothing else: no 500, no request left unanswered.
+    errors = re.search(r"errors \(non-200\)\s+(\d+)(?: \((\d+) x 400 on /visit\))?\n", out)
+    assert errors, out
+    assert errors.group(1) == "0" or (errors.group(1) == errors.group(2) and int(errors.group(1)) <= 4), out
     assert re.search(r"blacklisted", out) and "SIGCONT sent" in out
     ours = int(re.search(r"memcached connections opened\s+(\d+) for", out).group(1))
     django = int(re.search(r"Django's PyMemcacheCache\s+(\d+) for", out).group(1))
