@@ -35,6 +35,7 @@ import re
 import select
 import socket
 import ssl
+import struct
 import sys
 import time
 
@@ -97,6 +98,20 @@ def _libc(name, use_errno=False):
 _send_without_releasing_gil = _libc("send")
 # recv reports why it failed (errno): nothing there yet, or a real error.
 _recv_without_releasing_gil = _libc("recv", use_errno=True)
+
+
+def _libc_releasing_gil(name):
+    """libc's ``name`` through ``ctypes.CDLL``, which releases the GIL around
+    the call: for the one blocking read of a one-server command."""
+    try:
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - not a POSIX libc
+        return None
+    function.restype = ctypes.c_ssize_t
+    return function
+
+
+_recv_waiting = _libc_releasing_gil("recv")
 _get_errno = ctypes.get_errno
 #: A reply already in the socket buffer is read into a per-connection buffer
 #: of this size without releasing the GIL (``Connection._recv``).
@@ -224,6 +239,10 @@ class Connection:
         self._poller = None
         self._send_now = False
         self._recv_now = None  # a ctypes view of the receive buffer, when reads keep the GIL
+        self._first_read_blocks = False  # see _recv_first
+        # That read is bounded by SO_RCVTIMEO = TIMEOUT, so it is used only when
+        # about that much time is left (less the send and the clock read since).
+        self._rcvtimeo_floor = 0.0 if self.timeout is None else self.timeout * 0.95
         self._green = False
         self._tls = False
 
@@ -278,6 +297,12 @@ class Connection:
             self._rbuf = bytearray(RECV_NOW_SIZE)
             self._rview = memoryview(self._rbuf)
             self._recv_now = (ctypes.c_char * RECV_NOW_SIZE).from_buffer(self._rbuf)
+            if _recv_waiting is not None and not green:
+                if self.timeout is not None:  # options bound it to 0.001..86400 s
+                    seconds, fraction = divmod(self.timeout, 1.0)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                    struct.pack("ll", int(seconds), max(1, round(fraction * 1e6))))
+                self._first_read_blocks = True
 
     def _handshake(self, sock, host, deadline, green):
         # Non-blocking from here on: every TLS read and write waits on the deadline.
@@ -406,14 +431,31 @@ class Connection:
         """The first ``recv`` of a one-server command.
 
         Right after the send the reply is almost never there yet, so it
-        waits first: one ``poll`` (the one GIL hand-off), then a ``recv``
-        that finds the bytes. Not a blocking ``recv`` bounded by the kernel's
-        SO_RCVTIMEO: Python restarts that after every signal, and a kernel
-        timeout restarts with it, so a process receiving signals (a
-        profiler's, a watchdog's, SIGSTOP/SIGCONT) waited on a hung server
-        until the signals stopped; ``poll`` is restarted with the time left.
+        waits in one blocking libc ``recv`` that releases the GIL (the one
+        hand-off) and is bounded by the kernel's SO_RCVTIMEO, set to TIMEOUT
+        at connect: one syscall where ``poll`` + ``recv`` made two. Not
+        Python's ``sock.recv``: that restarts itself after every signal, and
+        the kernel's timeout restarts with it, so a process receiving
+        signals (a profiler's, a watchdog's, SIGSTOP/SIGCONT) waited on a
+        hung server until the signals stopped. Here a signal ends the
+        ``recv`` (EINTR), its handler runs, and the wait goes on in
+        ``_recv``'s ``poll`` with only the time left. Used only when the
+        time left is a whole TIMEOUT (the kernel's bound would overshoot a
+        shorter deadline).
         """
-        if self._recv_now is not None and not self._green:
+        if self._first_read_blocks and (deadline is None or deadline - _monotonic() >= self._rcvtimeo_floor):
+            received = _recv_waiting(self.sock.fileno(), self._recv_now, _size_t(RECV_NOW_SIZE), 0)
+            if received > 0:
+                return self._rview[:received].tobytes()
+            if received == 0:
+                raise ConnectionClosed("connection closed by the server")
+            err = _get_errno()
+            if err not in _WOULD_BLOCK:
+                raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
+            # EINTR: a signal (its handler runs as soon as we are back in
+            # Python); EAGAIN: SO_RCVTIMEO is over, and the deadline too, give
+            # or take a clock tick. Either way _recv waits out what is left.
+        elif self._recv_now is not None and not self._green:
             _wait(self.sock, select.POLLIN, deadline, False, self._poller)
         return self._recv(deadline)
 
