@@ -1,10 +1,17 @@
 """TIMEOUT ends a call however the process is interrupted and however much the server sends."""
 
+import ctypes
 import signal
+import socket
+import statistics
+import struct
 import threading
 import time
 
+import pytest
 from fakeserver import SILENCE
+
+from djmemcache.connection import BLOCKING_READ_MIN_TIMEOUT
 
 SLACK = 3.0  # a loaded 2-core machine stalls threads for seconds at times
 
@@ -65,6 +72,106 @@ def test_the_blocking_first_read_ends_at_timeout_on_a_silent_server(fake_memcach
     took = time.monotonic() - started
     assert 0.3 * 0.9 <= took < 0.3 + SLACK
     assert cache.stats()[0]["in_use"] == 0
+
+
+def _slow_hello(line, data):
+    time.sleep(0.4)
+    return b"VALUE %s 0 5\r\nhello\r\nEND\r\n" % line.split(b" ")[1]
+
+
+def test_a_signal_handler_that_changes_errno_is_not_taken_for_a_socket_error(fake_memcached, make_cache):
+    """The handler runs between the interrupted libc recv and the next line of
+    Python; a ctypes call in it (here close(-1): EBADF) used to overwrite the
+    errno the client then read, and a healthy server's call failed."""
+    cache = make_cache(fake_memcached.location, {"TIMEOUT": 2.0, "IGNORE_EXC": False})
+    fake_memcached.reply(_slow_hello)
+    libc = ctypes.CDLL(None, use_errno=True)
+    previous = signal.signal(signal.SIGALRM, lambda *_: libc.close(-1))
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    try:
+        assert cache.get("k") == b"hello"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert cache.stats()[0]["state"] == "up" and cache.stats()[0]["in_use"] == 0
+
+
+def test_without_timeout_a_restarting_signal_handler_still_runs_during_the_wait(memcached_factory, make_cache):
+    """asyncio and gunicorn install handlers with SA_RESTART, which the kernel
+    honours by restarting a recv that has no SO_RCVTIMEO: with no TIMEOUT the
+    wait must be a poll, which is never restarted, so the handler runs."""
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": None})
+    cache.set("k", "v")
+
+    class Stop(Exception):
+        pass
+
+    def raise_stop(*_):
+        raise Stop()
+
+    previous = signal.signal(signal.SIGALRM, raise_stop)
+    signal.siginterrupt(signal.SIGALRM, False)
+    server.pause()
+    resume = threading.Timer(3.0 + SLACK, server.resume)
+    resume.start()
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Stop):
+            cache.get("k")
+        assert time.monotonic() - started < 1.0 + SLACK / 2
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        resume.cancel()
+        server.resume()
+    assert cache.stats()[0]["in_use"] == 0
+
+
+def _receive_timeout(cache):
+    conn = cache.client.pools[0]._idle[-1]
+    seconds, micros = struct.unpack("ll", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    return conn, seconds + micros / 1e6
+
+
+@pytest.mark.parametrize("timeout", [0.9999996, 1.0099996, 0.5, 30])
+def test_the_kernel_receive_timeout_is_set_just_under_timeout_for_any_valid_timeout(mc1, make_cache, timeout):
+    """A fraction that rounds up to a whole second made setsockopt fail (EDOM)
+    on every connect. The kernel rounds up to a clock tick, so it is asked
+    for a little less than TIMEOUT; the call's poll waits out the rest."""
+    cache = make_cache(mc1.location, {"TIMEOUT": timeout, "IGNORE_EXC": False})
+    cache.set("k", "v")
+    assert cache.get("k") == "v"
+    conn, kernel = _receive_timeout(cache)
+    assert conn._first_read_blocks
+    assert timeout - 0.011 <= kernel < timeout
+
+
+@pytest.mark.parametrize("timeout", [0.001, 0.01, BLOCKING_READ_MIN_TIMEOUT / 2, None])
+def test_short_or_no_timeout_waits_in_poll_not_in_a_kernel_timeout(mc1, make_cache, timeout):
+    """The kernel counts SO_RCVTIMEO in clock ticks (4 ms at HZ=250): a 1 ms
+    TIMEOUT waited 8 ms. Below BLOCKING_READ_MIN_TIMEOUT the wait is a poll."""
+    cache = make_cache(mc1.location, {"TIMEOUT": timeout, "CONNECT_TIMEOUT": 1.0})
+    cache.set("k", "v")
+    assert cache.get("k") == "v"
+    conn, kernel = _receive_timeout(cache)
+    assert not conn._first_read_blocks and kernel == 0
+
+
+def test_a_silent_server_costs_timeout_not_less_and_not_a_tick_more(fake_memcached, make_cache):
+    """The blocking read ends a tick early by design; the poll after it must
+    wait out the rest, so a call is never cut short."""
+    timeout = 0.1
+    fake_memcached.reply(*[SILENCE] * 7)
+    cache = make_cache(fake_memcached.location, {"TIMEOUT": timeout, "BLACKLIST_TIME": 0})
+    took = []
+    for _ in range(7):
+        started = time.monotonic()
+        assert cache.get("k", "missed") == "missed"
+        took.append(time.monotonic() - started)
+    assert min(took) >= timeout - 0.001
+    assert statistics.median(took) < timeout + SLACK / 10
 
 
 def test_a_reply_flooding_in_ends_at_twice_timeout_without_starving_other_threads(
