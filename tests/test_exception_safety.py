@@ -1,8 +1,10 @@
 """Whatever is raised inside a cache call, the pool stays whole and the
 exception reaches its caller unchanged (issue: fault and exception safety)."""
 
+import gc
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -107,6 +109,16 @@ def test_alarm_storm_leaks_no_slot_and_every_exception_reaches_its_caller(make_c
     workers = [threading.Thread(target=traffic, args=(i,)) for i in range(3)]
     for w in workers:
         w.start()
+    # An alarm raised inside a callback Python runs for the garbage collector
+    # (WeakSet's, when an earlier test's objects are collected) is swallowed
+    # by Python, never reaching any caller: collect first and hold the
+    # collector off, and count what is swallowed all the same (none may be
+    # in djmemcache's code).
+    swallowed = []
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: swallowed.append((u.exc_type, u.object))
+    gc.collect()
+    gc.disable()
     previous = signal.signal(signal.SIGALRM, on_alarm)
     calls = 0
     try:
@@ -125,9 +137,16 @@ def test_alarm_storm_leaks_no_slot_and_every_exception_reaches_its_caller(make_c
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        gc.enable()
+        sys.unraisablehook = previous_hook
         stop.set()
         for w in workers:
             w.join(10)
+    ours = [obj for _type, obj in swallowed if "djmemcache" in (getattr(obj, "__module__", None) or "")]
+    assert ours == [], swallowed
+    for exc_type, _obj in swallowed:  # swallowed outside our code: nobody could catch them
+        if exc_type in state["raised"]:
+            state["raised"][exc_type] -= 1
     raised = sum(state["raised"].values())
     print("ALARMS: %d calls, %d alarms raised %r, caught %r, server errors %d"
           % (calls, raised, state["raised"], state["caught"], len(server_errors)))
