@@ -50,6 +50,8 @@ BIG_RECV = 262144
 BLOCKING_READ_MIN_TIMEOUT = 0.05
 #: The longest kernel clock tick allowed for (HZ=100).
 KERNEL_TICK_MAX = 0.010
+#: Without TIMEOUT the blocking read gives way to ``poll`` after this long.
+NO_TIMEOUT_SLICE = 1.0
 #: Commands up to this size are sent while holding the GIL (``Connection._send``).
 SEND_NOW_MAX = 65536
 _SEND_NOW_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
@@ -310,12 +312,16 @@ class Connection:
             self._rbuf = bytearray(RECV_NOW_SIZE)
             self._rview = memoryview(self._rbuf)
             self._recv_now = (ctypes.c_char * RECV_NOW_SIZE).from_buffer(self._rbuf)
-            if _recv_waiting is not None and not green and self.timeout is not None \
-                    and self.timeout >= BLOCKING_READ_MIN_TIMEOUT:
+            if _recv_waiting is not None and not green and (
+                    self.timeout is None or self.timeout >= BLOCKING_READ_MIN_TIMEOUT):
                 # The kernel rounds SO_RCVTIMEO up to whole clock ticks (4 ms at
                 # HZ=250, 10 ms at HZ=100): asking for a tick less than TIMEOUT
-                # keeps the wait within TIMEOUT; _recv polls the rest.
-                micros = round((self.timeout - KERNEL_TICK_MAX) * 1e6)
+                # keeps the wait within TIMEOUT; _recv polls the rest. Without
+                # TIMEOUT it is set all the same: a recv with no kernel timeout
+                # is restarted after a handler installed with SA_RESTART
+                # (asyncio's, gunicorn's), which would then wait for the reply.
+                bound = NO_TIMEOUT_SLICE if self.timeout is None else self.timeout - KERNEL_TICK_MAX
+                micros = round(bound * 1e6)
                 seconds, micros = divmod(micros, 1000000)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
                 self._first_read_blocks = True
@@ -467,13 +473,13 @@ class Connection:
         SA_RESTART does), its handler runs, and the wait goes on in
         ``_recv``'s ``poll`` with only the time left.
 
-        Only with a TIMEOUT of at least ``BLOCKING_READ_MIN_TIMEOUT`` (the
-        kernel counts in clock ticks) and a whole TIMEOUT left; otherwise,
-        and under gevent or TLS, ``poll`` then ``recv``. Without TIMEOUT the
-        kernel would restart the ``recv`` after an SA_RESTART handler
-        (asyncio's, gunicorn's), which would then never run during the wait.
+        Only with no TIMEOUT (then SO_RCVTIMEO is ``NO_TIMEOUT_SLICE``, so
+        that even SA_RESTART handlers end the ``recv``) or a TIMEOUT of at
+        least ``BLOCKING_READ_MIN_TIMEOUT`` (the kernel counts in clock
+        ticks), with a whole TIMEOUT left; otherwise, and under gevent or
+        TLS, ``poll`` then ``recv``.
         """
-        if self._first_read_blocks and deadline - _monotonic() >= self._rcvtimeo_floor:
+        if self._first_read_blocks and (deadline is None or deadline - _monotonic() >= self._rcvtimeo_floor):
             received = _recv_waiting(self._fd, self._recv_now, _RECV_NOW_LEN, 0)
             if received > 0:
                 return self._rview[:received].tobytes()

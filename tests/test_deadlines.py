@@ -11,7 +11,7 @@ import time
 import pytest
 from fakeserver import SILENCE
 
-from djmemcache.connection import BLOCKING_READ_MIN_TIMEOUT
+from djmemcache.connection import BLOCKING_READ_MIN_TIMEOUT, NO_TIMEOUT_SLICE
 
 SLACK = 3.0  # a loaded 2-core machine stalls threads for seconds at times
 
@@ -99,7 +99,7 @@ def test_a_signal_handler_that_changes_errno_is_not_taken_for_a_socket_error(fak
 def test_without_timeout_a_restarting_signal_handler_still_runs_during_the_wait(memcached_factory, make_cache):
     """asyncio and gunicorn install handlers with SA_RESTART, which the kernel
     honours by restarting a recv that has no SO_RCVTIMEO: with no TIMEOUT the
-    wait must be a poll, which is never restarted, so the handler runs."""
+    blocking read still has a kernel timeout, so the handler runs at once."""
     server = memcached_factory()
     cache = make_cache(server.location, {"TIMEOUT": None})
     cache.set("k", "v")
@@ -129,27 +129,49 @@ def test_without_timeout_a_restarting_signal_handler_still_runs_during_the_wait(
     assert cache.stats()[0]["in_use"] == 0
 
 
+def test_without_timeout_a_reply_later_than_the_kernel_slice_is_still_read(memcached_factory, make_cache):
+    """No TIMEOUT means wait for the reply: the kernel's slice running out
+    (NO_TIMEOUT_SLICE) hands the wait to poll, it fails nothing."""
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": None, "IGNORE_EXC": False})
+    cache.set("k", "v")
+    server.pause()
+    resume = threading.Timer(NO_TIMEOUT_SLICE + 0.5, server.resume)
+    resume.start()
+    started = time.monotonic()
+    try:
+        assert cache.get("k") == "v"
+    finally:
+        resume.join()
+    assert time.monotonic() - started >= NO_TIMEOUT_SLICE + 0.4
+    assert cache.stats()[0]["state"] == "up"
+
+
 def _receive_timeout(cache):
     conn = cache.client.pools[0]._idle[-1]
     seconds, micros = struct.unpack("ll", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
     return conn, seconds + micros / 1e6
 
 
-@pytest.mark.parametrize("timeout", [0.9999996, 1.0099996, 0.5, 30])
+@pytest.mark.parametrize("timeout", [0.9999996, 1.0099996, 0.5, 30, None])
 def test_the_kernel_receive_timeout_is_set_just_under_timeout_for_any_valid_timeout(mc1, make_cache, timeout):
     """A fraction that rounds up to a whole second made setsockopt fail (EDOM)
     on every connect. The kernel rounds up to a clock tick, so it is asked
-    for a little less than TIMEOUT; the call's poll waits out the rest."""
+    for a little less than TIMEOUT; the call's poll waits out the rest.
+    Without TIMEOUT it is a slice after which the wait goes on in poll."""
     cache = make_cache(mc1.location, {"TIMEOUT": timeout, "IGNORE_EXC": False})
     cache.set("k", "v")
     assert cache.get("k") == "v"
     conn, kernel = _receive_timeout(cache)
     assert conn._first_read_blocks
-    assert timeout - 0.011 <= kernel < timeout
+    if timeout is None:
+        assert kernel == NO_TIMEOUT_SLICE
+    else:
+        assert timeout - 0.011 <= kernel < timeout
 
 
-@pytest.mark.parametrize("timeout", [0.001, 0.01, BLOCKING_READ_MIN_TIMEOUT / 2, None])
-def test_short_or_no_timeout_waits_in_poll_not_in_a_kernel_timeout(mc1, make_cache, timeout):
+@pytest.mark.parametrize("timeout", [0.001, 0.01, BLOCKING_READ_MIN_TIMEOUT / 2])
+def test_short_timeout_waits_in_poll_not_in_a_kernel_timeout(mc1, make_cache, timeout):
     """The kernel counts SO_RCVTIMEO in clock ticks (4 ms at HZ=250): a 1 ms
     TIMEOUT waited 8 ms. Below BLOCKING_READ_MIN_TIMEOUT the wait is a poll."""
     cache = make_cache(mc1.location, {"TIMEOUT": timeout, "CONNECT_TIMEOUT": 1.0})
