@@ -44,14 +44,16 @@ RECV_SIZE = 65536
 MAX_LINE = 4096
 #: A large value is read in chunks of at most this many bytes.
 BIG_RECV = 262144
-#: A one-server command waits for its reply in one blocking ``recv`` when
-#: TIMEOUT is at least this (``Connection._recv_first``); below, or with no
-#: TIMEOUT, in ``poll``.
-BLOCKING_READ_MIN_TIMEOUT = 0.05
-#: The longest kernel clock tick allowed for (HZ=100).
-KERNEL_TICK_MAX = 0.010
-#: Without TIMEOUT the blocking read gives way to ``poll`` after this long.
-NO_TIMEOUT_SLICE = 1.0
+#: A one-server command waits for its reply first in one blocking ``recv``
+#: of at most this long (SO_RCVTIMEO), then in ``poll`` for the rest of its
+#: TIMEOUT (``Connection._recv_first``). Short, because the kernel times it
+#: in clock ticks, and a long wait on its coarse timer wheel may fire up to
+#: 12% late (a 5 s TIMEOUT ran 147 ms over); under 64 ticks it is exact to
+#: the tick at any HZ up to 1000.
+BLOCKING_READ_SLICE = 0.040
+#: The kernel may end that wait up to about two clock ticks late (4 ms each
+#: at HZ=250), so the blocking read is used only with this much time left.
+BLOCKING_READ_MIN_TIMEOUT = 0.050
 #: Commands up to this size are sent while holding the GIL (``Connection._send``).
 SEND_NOW_MAX = 65536
 _SEND_NOW_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
@@ -254,9 +256,6 @@ class Connection:
         self._send_now = False
         self._recv_now = None  # a ctypes view of the receive buffer, when reads keep the GIL
         self._first_read_blocks = False  # see _recv_first
-        # That read may wait up to TIMEOUT (SO_RCVTIMEO), so it is used only when
-        # that much time is left, give or take the send just made.
-        self._rcvtimeo_floor = 0.0 if self.timeout is None else self.timeout - 0.002
         self._green = False
         self._tls = False
 
@@ -314,16 +313,11 @@ class Connection:
             self._recv_now = (ctypes.c_char * RECV_NOW_SIZE).from_buffer(self._rbuf)
             if _recv_waiting is not None and not green and (
                     self.timeout is None or self.timeout >= BLOCKING_READ_MIN_TIMEOUT):
-                # The kernel rounds SO_RCVTIMEO up to whole clock ticks (4 ms at
-                # HZ=250, 10 ms at HZ=100): asking for a tick less than TIMEOUT
-                # keeps the wait within TIMEOUT; _recv polls the rest. Without
-                # TIMEOUT it is set all the same: a recv with no kernel timeout
-                # is restarted after a handler installed with SA_RESTART
-                # (asyncio's, gunicorn's), which would then wait for the reply.
-                bound = NO_TIMEOUT_SLICE if self.timeout is None else self.timeout - KERNEL_TICK_MAX
-                micros = round(bound * 1e6)
-                seconds, micros = divmod(micros, 1000000)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, micros))
+                # Set even without TIMEOUT: a recv with no kernel timeout is
+                # restarted after a handler installed with SA_RESTART (asyncio's,
+                # gunicorn's), which would then wait for the reply to run.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                struct.pack("ll", 0, round(BLOCKING_READ_SLICE * 1e6)))
                 self._first_read_blocks = True
 
     def _handshake(self, sock, host, deadline, green):
@@ -427,14 +421,10 @@ class Connection:
                     break
                 err = _get_errno()
                 if err not in _WOULD_BLOCK:
-                    # Confirmed by Python's own recv, which raises with the
-                    # errno of that very call: a signal handler between the
-                    # libc call and _get_errno could have changed ctypes'.
-                    try:
-                        data = sock.recv(min(size, RECV_NOW_SIZE), _RECV_NOW_FLAGS)
+                    data = self._second_look(err, min(size, RECV_NOW_SIZE))
+                    if data is not None:
                         break
-                    except (BlockingIOError, InterruptedError):
-                        err = errno.EAGAIN
+                    err = errno.EAGAIN
                 if err != errno.EINTR:
                     _wait(sock, select.POLLIN, deadline, self._green, self._poller)
         elif self._tls:
@@ -458,13 +448,33 @@ class Connection:
             raise IOTimeout("reply still arriving at twice TIMEOUT")
         return data
 
+    def _second_look(self, err, size):
+        """A libc ``recv`` failed with ``err``: bytes, None (nothing yet), or raise.
+
+        ``err`` is ctypes' copy of errno, which a signal handler running
+        between the call and the read of it may have changed with ctypes
+        calls of its own, so a healthy connection must not be failed on its
+        word. Python's own ``recv`` takes a second look: bytes, or nothing
+        yet (the connection is fine), or the end of the connection, and
+        then the first error was real (the kernel reports a socket's error
+        once, so the second read finds only the end): raise that one.
+        """
+        try:
+            data = self.sock.recv(size, _RECV_NOW_FLAGS)
+        except BlockingIOError:
+            return None
+        if not data:
+            raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
+        return data
+
     def _recv_first(self, deadline):
         """The first ``recv`` of a one-server command.
 
         Right after the send the reply is almost never there yet, so it
         waits in one blocking libc ``recv`` that releases the GIL (the one
-        hand-off) and is bounded by the kernel's SO_RCVTIMEO, set just under
-        TIMEOUT at connect: one syscall where ``poll`` + ``recv`` made two.
+        hand-off) and is bounded by the kernel's SO_RCVTIMEO, set at connect
+        to ``BLOCKING_READ_SLICE``: one syscall where ``poll`` + ``recv`` made
+        two, for every reply that comes within the slice.
         Not Python's ``sock.recv``: that restarts itself after every signal,
         and the kernel's timeout restarts with it, so a process receiving
         signals (a profiler's, a watchdog's, SIGSTOP/SIGCONT) waited on a
@@ -473,23 +483,24 @@ class Connection:
         SA_RESTART does), its handler runs, and the wait goes on in
         ``_recv``'s ``poll`` with only the time left.
 
-        Only with no TIMEOUT (then SO_RCVTIMEO is ``NO_TIMEOUT_SLICE``, so
-        that even SA_RESTART handlers end the ``recv``) or a TIMEOUT of at
-        least ``BLOCKING_READ_MIN_TIMEOUT`` (the kernel counts in clock
-        ticks), with a whole TIMEOUT left; otherwise, and under gevent or
+        Only with no TIMEOUT or at least ``BLOCKING_READ_MIN_TIMEOUT`` left
+        (the kernel counts in clock ticks); otherwise, and under gevent or
         TLS, ``poll`` then ``recv``.
         """
-        if self._first_read_blocks and (deadline is None or deadline - _monotonic() >= self._rcvtimeo_floor):
+        if self._first_read_blocks and (
+                deadline is None or deadline - _monotonic() >= BLOCKING_READ_MIN_TIMEOUT):
             received = _recv_waiting(self._fd, self._recv_now, _RECV_NOW_LEN, 0)
             if received > 0:
                 return self._rview[:received].tobytes()
             if received == 0:
                 raise ConnectionClosed("connection closed by the server")
-            # -1: a signal (EINTR; its handler has run by now), SO_RCVTIMEO
-            # over (EAGAIN), or an error. errno is not read here: a handler
-            # that ran in between may have made ctypes calls of its own and
-            # changed it. _recv waits out the time left and meets any error
-            # again itself.
+            # A signal (EINTR; its handler has run by now), the slice over
+            # (EAGAIN), or an error: _recv waits out the time left.
+            err = _get_errno()
+            if err not in _WOULD_BLOCK:
+                data = self._second_look(err, RECV_NOW_SIZE)
+                if data is not None:
+                    return data
         elif self._recv_now is not None and not self._green:
             _wait(self.sock, select.POLLIN, deadline, False, self._poller)
         return self._recv(deadline)

@@ -11,7 +11,7 @@ import time
 import pytest
 from fakeserver import SILENCE
 
-from djmemcache.connection import BLOCKING_READ_MIN_TIMEOUT, NO_TIMEOUT_SLICE
+from djmemcache.connection import BLOCKING_READ_MIN_TIMEOUT, BLOCKING_READ_SLICE
 
 SLACK = 3.0  # a loaded 2-core machine stalls threads for seconds at times
 
@@ -131,20 +131,63 @@ def test_without_timeout_a_restarting_signal_handler_still_runs_during_the_wait(
 
 def test_without_timeout_a_reply_later_than_the_kernel_slice_is_still_read(memcached_factory, make_cache):
     """No TIMEOUT means wait for the reply: the kernel's slice running out
-    (NO_TIMEOUT_SLICE) hands the wait to poll, it fails nothing."""
+    (BLOCKING_READ_SLICE) hands the wait to poll, it fails nothing."""
     server = memcached_factory()
     cache = make_cache(server.location, {"TIMEOUT": None, "IGNORE_EXC": False})
     cache.set("k", "v")
     server.pause()
-    resume = threading.Timer(NO_TIMEOUT_SLICE + 0.5, server.resume)
+    resume = threading.Timer(1.5, server.resume)
     resume.start()
     started = time.monotonic()
     try:
         assert cache.get("k") == "v"
     finally:
         resume.join()
-    assert time.monotonic() - started >= NO_TIMEOUT_SLICE + 0.4
+    assert time.monotonic() - started >= 1.4
     assert cache.stats()[0]["state"] == "up"
+
+
+@pytest.mark.parametrize("timeout", [0.3, 5.0])
+def test_timeout_bounds_a_get_on_a_silent_server_to_the_millisecond(fake_memcached, make_cache, timeout):
+    """The kernel times a long SO_RCVTIMEO on a coarse timer wheel (a 5 s
+    TIMEOUT ran 147 ms over, 12 s 241 ms): the blocking read lasts at most a
+    short slice, and poll, exact to the millisecond, waits out the rest."""
+    cache = make_cache(fake_memcached.location, {"TIMEOUT": timeout})
+    cache.get("warm")
+    fake_memcached.reply(SILENCE)
+    started = time.monotonic()
+    assert cache.get("k", "missed") == "missed"
+    took = time.monotonic() - started
+    assert timeout - 0.001 <= took < timeout * 1.005 + 0.05  # loose for a loaded machine, not for 147 ms
+
+
+def test_a_reset_during_the_first_read_reaches_the_caller_as_the_reset(make_cache):
+    """The kernel reports a socket's error once: the read that met it must
+    be the one whose error is raised, not a later read that finds only the
+    end of the connection (ETIMEDOUT from TCP would lose its meaning)."""
+    from djmemcache import DjmemcacheError
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(100)
+        time.sleep(0.2)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        cache = make_cache("127.0.0.1:%d" % listener.getsockname()[1], {"TIMEOUT": 2.0, "IGNORE_EXC": False})
+        with pytest.raises(DjmemcacheError) as raised:
+            cache.get("k")
+        assert isinstance(raised.value.__cause__, ConnectionResetError), repr(raised.value.__cause__)
+    finally:
+        thread.join(5)
+        listener.close()
 
 
 def _receive_timeout(cache):
@@ -154,20 +197,17 @@ def _receive_timeout(cache):
 
 
 @pytest.mark.parametrize("timeout", [0.9999996, 1.0099996, 0.5, 30, None])
-def test_the_kernel_receive_timeout_is_set_just_under_timeout_for_any_valid_timeout(mc1, make_cache, timeout):
-    """A fraction that rounds up to a whole second made setsockopt fail (EDOM)
-    on every connect. The kernel rounds up to a clock tick, so it is asked
-    for a little less than TIMEOUT; the call's poll waits out the rest.
-    Without TIMEOUT it is a slice after which the wait goes on in poll."""
+def test_the_kernel_receive_timeout_is_a_short_slice_for_any_valid_timeout(mc1, make_cache, timeout):
+    """A TIMEOUT whose fraction rounded up to a whole second once made
+    setsockopt fail (EDOM) on every connect. The kernel is asked for a short
+    slice whatever TIMEOUT is (also without one: a recv with no kernel timeout
+    would be restarted after an SA_RESTART signal handler)."""
     cache = make_cache(mc1.location, {"TIMEOUT": timeout, "IGNORE_EXC": False})
     cache.set("k", "v")
     assert cache.get("k") == "v"
     conn, kernel = _receive_timeout(cache)
     assert conn._first_read_blocks
-    if timeout is None:
-        assert kernel == NO_TIMEOUT_SLICE
-    else:
-        assert timeout - 0.011 <= kernel < timeout
+    assert abs(kernel - BLOCKING_READ_SLICE) < 0.005
 
 
 @pytest.mark.parametrize("timeout", [0.001, 0.01, BLOCKING_READ_MIN_TIMEOUT / 2])
