@@ -459,8 +459,11 @@ class Connection:
         then the first error was real (the kernel reports a socket's error
         once, so the second read finds only the end): raise that one.
         """
+        sock = self.sock
+        if sock is None:  # closed meanwhile: the error stands
+            raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
         try:
-            data = self.sock.recv(size, _RECV_NOW_FLAGS)
+            data = sock.recv(size, _RECV_NOW_FLAGS)
         except BlockingIOError:
             return None
         if not data:

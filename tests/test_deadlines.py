@@ -190,6 +190,18 @@ def test_a_reset_during_the_first_read_reaches_the_caller_as_the_reset(make_cach
         listener.close()
 
 
+def test_a_second_look_at_a_closed_connection_raises_the_socket_error(mc1, make_cache):
+    import errno
+
+    cache = make_cache(mc1.location, {"TIMEOUT": 1.0})
+    cache.set("k", "v")
+    conn = cache.client.pools[0]._idle[-1]
+    conn.close()
+    with pytest.raises(OSError) as raised:
+        conn._second_look(errno.ECONNRESET, 10)
+    assert raised.value.errno == errno.ECONNRESET
+
+
 def _receive_timeout(cache):
     conn = cache.client.pools[0]._idle[-1]
     seconds, micros = struct.unpack("ll", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
