@@ -83,8 +83,10 @@ class ConnectionClosed(ProtocolError):
     """The server closed the connection (a restart, or an idle timeout)."""
 
 
-def _libc(name, use_errno=False):
-    """libc's ``name`` called through ``ctypes.PyDLL``, which keeps the GIL.
+def _libc(name, use_errno=False, releasing_gil=False):
+    """libc's ``name`` called through ``ctypes.PyDLL``, which keeps the GIL
+    (``ctypes.CDLL``, which releases it, with ``releasing_gil``: for the one
+    blocking read of a one-server command, ``Connection._recv_first``).
 
     Why: ``socket.send``/``recv`` release the GIL around the syscall, so
     under threads each costs a GIL hand-off, a futex wake and often a
@@ -95,7 +97,8 @@ def _libc(name, use_errno=False):
     found.
     """
     try:
-        function = getattr(ctypes.PyDLL(None, use_errno=use_errno), name)
+        library = ctypes.CDLL if releasing_gil else ctypes.PyDLL
+        function = getattr(library(None, use_errno=use_errno), name)
     except (OSError, AttributeError, TypeError):  # pragma: no cover - not a POSIX libc
         return None
     # No argtypes: converting through them costs twice the call itself. The
@@ -108,20 +111,8 @@ def _libc(name, use_errno=False):
 _send_without_releasing_gil = _libc("send")
 # recv reports why it failed (errno): nothing there yet, or a real error.
 _recv_without_releasing_gil = _libc("recv", use_errno=True)
-
-
-def _libc_releasing_gil(name):
-    """libc's ``name`` through ``ctypes.CDLL``, which releases the GIL around
-    the call: for the one blocking read of a one-server command."""
-    try:
-        function = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError, TypeError):  # pragma: no cover - not a POSIX libc
-        return None
-    function.restype = ctypes.c_ssize_t
-    return function
-
-
-_recv_waiting = _libc_releasing_gil("recv")
+# The blocking first read of a one-server command waits with the GIL released.
+_recv_waiting = _libc("recv", use_errno=True, releasing_gil=True)
 _get_errno = ctypes.get_errno
 #: A reply already in the socket buffer is read into a per-connection buffer
 #: of this size without releasing the GIL (``Connection._recv``).
@@ -286,7 +277,7 @@ class Connection:
                 _wait(sock, select.POLLOUT, deadline, green)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err and err != errno.EISCONN:
-                raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
+                raise self._socket_error(err)
             if family != socket.AF_UNIX and self.no_delay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls_context is not None:
@@ -448,6 +439,10 @@ class Connection:
             raise IOTimeout("reply still arriving at twice TIMEOUT")
         return data
 
+    def _socket_error(self, err):
+        """The ``OSError`` (its errno subclass) of ``err``, naming the server."""
+        return OSError(err, "%s: %s" % (os.strerror(err), self.server))
+
     def _second_look(self, err, size):
         """A libc ``recv`` failed with ``err``: bytes, None (nothing yet), or raise.
 
@@ -461,13 +456,13 @@ class Connection:
         """
         sock = self.sock
         if sock is None:  # closed meanwhile: the error stands
-            raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
+            raise self._socket_error(err)
         try:
             data = sock.recv(size, _RECV_NOW_FLAGS)
         except BlockingIOError:
             return None
         if not data:
-            raise OSError(err, "%s: %s" % (os.strerror(err), self.server))
+            raise self._socket_error(err)
         return data
 
     def _recv_first(self, deadline):
