@@ -343,7 +343,7 @@ class Client:
         try:
             return self.serializer.loads(key, *raw)
         except CorruptValue as exc:
-            logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
+            _warn_unreadable(key, exc)
             return unreadable
 
     def _item(self, key, value):
@@ -418,7 +418,7 @@ class Client:
             # Decoded once for every server: one call, not one per server.
             found, corrupt = self.serializer.loads_many(raw)
             for key, exc in corrupt:
-                logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
+                _warn_unreadable(key, exc)
         return found
 
     def _store(self, command, key, value, expire, retry):
@@ -574,6 +574,10 @@ class Client:
 
     def __repr__(self):
         return "<Client %s>" % " ".join(repr(p) for p in self.pools)
+
+
+def _warn_unreadable(key, exc):
+    logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
 
 
 def _first(pair):
