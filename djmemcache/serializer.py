@@ -203,7 +203,7 @@ class Serializer:
         except CorruptValue:
             raise
         except _DECODING_ERRORS as exc:
-            raise CorruptValue("cannot decode item with flags %d: %r" % (flags, exc)) from exc
+            raise _undecodable(flags, exc) from exc
 
     def loads_many(self, items):
         """``({key: value}, [(key, CorruptValue)])`` of ``{key: (data, flags)}``.
@@ -228,7 +228,7 @@ class Serializer:
             except CorruptValue as exc:
                 corrupt.append((key, exc))
             except _DECODING_ERRORS as exc:
-                corrupt.append((key, CorruptValue("cannot decode item with flags %d: %r" % (flags, exc))))
+                corrupt.append((key, _undecodable(flags, exc)))
         return values, corrupt
 
     def _mac(self, secret, key, flags, data):
@@ -267,6 +267,10 @@ def serializer_for(options):
             keys = (settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ()))
     return Serializer(fmt, options.compress_min_length, options.compressor, keys,
                       options.max_value_size * INFLATE_FACTOR)
+
+
+def _undecodable(flags, exc):
+    return CorruptValue("cannot decode item with flags %d: %r" % (flags, exc))
 
 
 def _verified_int(data):
