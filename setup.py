@@ -1,7 +1,7 @@
 import os
 import re
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,6 +24,9 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "demo", "demo.*"]),
     include_package_data=True,
     python_requires=">=3.10",
+    # Optional: without a C compiler the package installs and runs in pure
+    # Python (djmemcache/_speedups.c says what it speeds up).
+    ext_modules=[Extension("djmemcache._speedups", ["djmemcache/_speedups.c"], optional=True)],
     install_requires=["Django>=4.2", "pymemcache>=4.0", "mmh3>=4.0"],
     extras_require={
         "test": ["pytest>=8.2", "trustme>=1.0", "zstandard>=0.20",

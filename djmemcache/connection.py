@@ -128,6 +128,22 @@ _RECV_NOW_LEN = _size_t(RECV_NOW_SIZE)
 _ONE_BYTE = _size_t(1)
 
 
+def _load_speedups():
+    """``djmemcache._speedups`` (C, built by setup.py when a compiler is there),
+    or None: not built, or DJMEMCACHE_PURE_PYTHON set (the test suite runs
+    both paths). See ``_speedups.c`` for why it exists."""
+    if os.environ.get("DJMEMCACHE_PURE_PYTHON"):
+        return None
+    try:
+        from djmemcache import _speedups
+    except ImportError:
+        return None
+    return _speedups
+
+
+_speedups = _load_speedups()
+
+
 def _gevent_patched():
     """True when gevent has monkey-patched sockets (gunicorn ``-k gevent``):
     the socket is then non-blocking underneath, kernel timeouts do nothing,
@@ -249,6 +265,7 @@ class Connection:
         self._first_read_blocks = False  # see _recv_first
         self._green = False
         self._tls = False
+        self._native = False  # round trips through _speedups (see connect)
 
     def deadline(self):
         """When a command started now must be over (None: no TIMEOUT)."""
@@ -296,6 +313,8 @@ class Connection:
         self._tls = self.tls_context is not None
         self._poller = _stdlib_poll()()
         self._poller.register(sock, select.POLLIN)
+        # gevent must wait in its hub, TLS bytes go through the SSL layer.
+        self._native = _speedups is not None and not green and not self._tls
         # Not for TLS: the bytes must go through the SSL layer.
         self._send_now = _send_without_releasing_gil is not None and not self._tls
         if _recv_without_releasing_gil is not None and not self._tls:
@@ -555,6 +574,19 @@ class Connection:
         """
         wire = self.key_prefix + key.encode("utf-8")
         deadline = self.deadline()
+        if self._native:
+            found = _speedups.exchange(self._fd, b"get " + wire + b"\r\n", _GET, 1, deadline,
+                                       self.timeout, self.max_value_size, MAX_LINE)
+            if type(found) is not list:
+                raise _native_failure(self, found)
+            if not found:
+                self.misses += 1
+                return None
+            ((got, flags, data),) = found
+            if got != wire:
+                raise ProtocolError("reply for a key not asked for: %r" % got[:64])
+            self.hits += 1
+            return data, flags
         self._send(b"get " + wire + b"\r\n", deadline)
         buf = self._recv_first(deadline)
         if buf == b"END\r\n":
@@ -635,14 +667,36 @@ class Connection:
             found[key] = (buf[start:end], flags)
             pos = end + 2
 
-    def send_get_many(self, keys, deadline=None):
+    def _wires(self, keys):
         prefix = self.key_prefix
         if prefix:
-            wires = {prefix + key.encode("utf-8"): key for key in keys}
-        else:
-            wires = {key.encode("utf-8"): key for key in keys}
+            return {prefix + key.encode("utf-8"): key for key in keys}
+        return {key.encode("utf-8"): key for key in keys}
+
+    def send_get_many(self, keys, deadline=None):
+        wires = self._wires(keys)
         self._send(b"get " + b" ".join(wires) + b"\r\n", deadline)
         return wires
+
+    def get_many_request(self, keys):
+        """What ``_speedups.exchange_many`` needs to run this connection's part
+        of a pipelined ``get_many`` (no I/O here), and the wire keys."""
+        wires = self._wires(keys)
+        return (self._fd, b"get " + b" ".join(wires) + b"\r\n", _GET, len(wires)), wires
+
+    def get_many_outcome(self, outcome, wires):
+        """``{key: (data, flags)}`` from ``_speedups``' outcome, or raise its failure."""
+        if type(outcome) is not list:
+            raise _native_failure(self, outcome)
+        found = {}
+        for wire, flags, data in outcome:
+            key = wires.get(wire)
+            if key is None or key in found:
+                raise ProtocolError("reply for a key not asked for: %r" % wire[:64])
+            found[key] = (data, flags)
+        self.hits += len(found)
+        self.misses += len(wires) - len(found)
+        return found
 
     def read_get_many(self, wires, deadline=None):
         if deadline is None:
@@ -689,8 +743,15 @@ class Connection:
         """
         data, flags = item
         deadline = self.deadline()
-        self._send(b"%s %s %d %d %d\r\n%s\r\n" % (
-            command, self.key_prefix + key.encode("utf-8"), flags, expire, len(data), data), deadline)
+        request = b"%s %s %d %d %d\r\n%s\r\n" % (
+            command, self.key_prefix + key.encode("utf-8"), flags, expire, len(data), data)
+        if self._native:
+            lines = _speedups.exchange(self._fd, request, _LINES, 1, deadline,
+                                       self.timeout, self.max_value_size, MAX_LINE)
+            if type(lines) is not list:
+                raise _native_failure(self, lines)
+            return None if lines[0] == b"STORED" else _store_outcome(lines[0])
+        self._send(request, deadline)
         line = self._recv_first(deadline)
         if line == b"STORED\r\n":
             return None
@@ -750,6 +811,12 @@ class Connection:
 
     def _one_line(self, command):
         deadline = self.deadline()
+        if self._native:
+            lines = _speedups.exchange(self._fd, command, _LINES, 1, deadline,
+                                       self.timeout, self.max_value_size, MAX_LINE)
+            if type(lines) is not list:
+                raise _native_failure(self, lines)
+            return lines[0]
         self._send(command, deadline)
         (line,) = self._read_lines(1, deadline)
         return line
@@ -878,6 +945,35 @@ class Connection:
 
 #: memcached's reply line to ``mg <key> v f c t R<n>``: length, flags, CAS
 #: value, time to live, then W, Z or X (any order, each at most once).
+_GET = getattr(_speedups, "MODE_GET", 0)
+_LINES = getattr(_speedups, "MODE_LINES", 1)
+
+
+def exchange_many(requests, deadline, timeout, max_value):
+    """Every request's round trip in one C call (``Client._pipeline``)."""
+    return _speedups.exchange_many(requests, deadline, timeout, max_value, MAX_LINE)
+
+
+def _native_failure(conn, failure):
+    """The exception for a ``(kind, errno, detail)`` failure from ``_speedups``:
+    the same one the Python path raises for the same fault."""
+    kind, err, detail = failure
+    if kind == _speedups.F_ERRNO:
+        return conn._socket_error(err)
+    if kind == _speedups.F_CLOSED:
+        return ConnectionClosed("connection closed by the server")
+    if kind == _speedups.F_TIMEOUT:
+        return IOTimeout("timed out")
+    if kind == _speedups.F_LATE:
+        return IOTimeout("reply still arriving at twice TIMEOUT")
+    if kind == _speedups.F_ERROR_LINE:
+        try:
+            _raise_error_line(detail)
+        except ProtocolError as exc:
+            return exc
+    return ProtocolError(detail)
+
+
 _META_LINE = re.compile(rb"VA (\d{1,20}) f(\d{1,20}) c(\d{1,20}) t(-1|\d{1,20})((?: [WZX])*)")
 
 

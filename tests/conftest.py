@@ -40,6 +40,20 @@ def _fresh_pools():
     reset_registry()
 
 
+@pytest.fixture(params=["native", "python"])
+def io_path(request, monkeypatch):
+    """Run a test on both I/O paths: through ``djmemcache._speedups`` (C) and
+    in pure Python (what runs without a compiler, under gevent, over TLS).
+    Modules that test the wire use it with ``pytestmark``."""
+    from djmemcache import connection
+
+    if request.param == "python":
+        monkeypatch.setattr(connection, "_speedups", None)
+    elif connection._speedups is None:
+        pytest.skip("djmemcache._speedups is not built (see tests/test_speedups.py)")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def _shared_servers():
     servers = [MemcachedProcess().start() for _ in range(3)]

@@ -1,0 +1,698 @@
+/*
+ * djmemcache._speedups: one command's round trip on one or several
+ * memcached connections, with the GIL released from the first send to the
+ * last byte read.
+ *
+ * Why C: a pure-Python client holds the GIL through each send and through
+ * parsing, and takes it back after every wait; with threads over several
+ * servers that serialises what pylibmc runs in parallel (issue 11, see
+ * docs/performance.rst). This module sends every connection its command,
+ * waits for all replies in one poll, reads what is ready and splits each
+ * reply into its items, all without the GIL; Python then maps the items to
+ * keys, checks them and decodes them. It is optional: without it (no
+ * compiler, DJMEMCACHE_PURE_PYTHON=1, gevent, TLS) connection.py does the
+ * same in Python, and the test suite runs both.
+ *
+ * What the server says is never trusted, exactly as in connection.py: a
+ * reply line is at most max_line bytes, a value at most max_value, at most
+ * `count` values or lines per connection, nothing after the end of a reply,
+ * and memory grows with the bytes received, never with what a server
+ * declares. A deadline bounds the whole call; a reply still arriving at
+ * deadline + timeout ends it. A signal ends a wait: its Python handler runs
+ * (an exception from it is raised from here) and the wait goes on.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0
+#endif
+
+enum { MODE_GET = 0, MODE_LINES = 1 };
+enum { ST_SENDING, ST_READING, ST_DONE, ST_FAILED };
+/* Failure kinds, as returned to Python (connection.py maps them). */
+enum { F_ERRNO = 1, F_CLOSED, F_TIMEOUT, F_LATE, F_PROTOCOL, F_ERROR_LINE };
+
+#define RECV_CHUNK 65536
+#define MESSAGE_SIZE 160
+
+typedef struct {
+    Py_ssize_t key, key_len, data, data_len;
+    unsigned long long flags;
+    Py_ssize_t flags_at, flags_len; /* the digits, when they overflow 64 bits */
+    int flags_big;
+} item_t;
+
+typedef struct {
+    int fd, mode, state, failure, err;
+    Py_ssize_t count;              /* values (get) or lines (lines) at most / exactly */
+    const char *out;
+    Py_ssize_t out_len, out_pos;
+    char *buf;
+    Py_ssize_t len, cap, pos;      /* received bytes; where parsing resumes */
+    item_t *items;
+    Py_ssize_t nitems;
+    int in_block;                  /* items[nitems] waits for its data block */
+    Py_ssize_t lines_end;          /* lines mode: end of the last complete line */
+    Py_ssize_t error_at, error_len;/* F_ERROR_LINE: the line */
+    char message[MESSAGE_SIZE];
+} conn_t;
+
+static double
+now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void
+fail(conn_t *c, int failure, int err, const char *message)
+{
+    c->state = ST_FAILED;
+    c->failure = failure;
+    c->err = err;
+    if (message != NULL) {
+        snprintf(c->message, MESSAGE_SIZE, "%s", message);
+    }
+}
+
+/* 1-20 ASCII digits (no sign, space or underscore), as connection.py's _check_digits. */
+static int
+parse_digits(const char *s, Py_ssize_t n, unsigned long long *value, int *big)
+{
+    unsigned long long v = 0;
+    Py_ssize_t i;
+    if (n < 1 || n > 20) {
+        return -1;
+    }
+    *big = 0;
+    for (i = 0; i < n; i++) {
+        unsigned d;
+        if (s[i] < '0' || s[i] > '9') {
+            return -1;
+        }
+        d = (unsigned)(s[i] - '0');
+        if (v > (~0ULL - d) / 10) {
+            *big = 1;
+        }
+        v = v * 10 + d;
+    }
+    *value = v;
+    return 0;
+}
+
+/* Parse a get reply from c->pos: VALUE lines and blocks up to END. */
+static void
+parse_get(conn_t *c, Py_ssize_t max_value, Py_ssize_t max_line)
+{
+    for (;;) {
+        const char *buf = c->buf;
+        if (c->in_block) {
+            item_t *it = &c->items[c->nitems];
+            Py_ssize_t end = it->data + it->data_len;
+            if (c->len < end + 2) {
+                return;
+            }
+            if (buf[end] != '\r' || buf[end + 1] != '\n') {
+                fail(c, F_PROTOCOL, 0, "data block not followed by CRLF");
+                return;
+            }
+            c->nitems++;
+            c->in_block = 0;
+            c->pos = end + 2;
+            continue;
+        }
+        {
+            Py_ssize_t pos = c->pos, eol, n, sp1, sp2, sp3, i;
+            const char *line = buf + pos;
+            const char *found = NULL;
+            if (c->len > pos) {
+                const char *p = line;
+                const char *stop = buf + c->len;
+                while ((p = memchr(p, '\r', stop - p)) != NULL) {
+                    if (p + 1 < stop && p[1] == '\n') {
+                        found = p;
+                        break;
+                    }
+                    p++;
+                }
+            }
+            if (found == NULL) {
+                if (c->len - pos > max_line) {
+                    fail(c, F_PROTOCOL, 0, NULL);
+                    snprintf(c->message, MESSAGE_SIZE, "reply line longer than %zd bytes", max_line);
+                }
+                return;
+            }
+            eol = found - buf;
+            n = eol - pos;
+            if (n > max_line) {
+                fail(c, F_PROTOCOL, 0, NULL);
+                snprintf(c->message, MESSAGE_SIZE, "reply line longer than %zd bytes", max_line);
+                return;
+            }
+            if (n == 3 && memcmp(line, "END", 3) == 0) {
+                if (eol + 2 != c->len) {
+                    fail(c, F_PROTOCOL, 0, "unexpected data after END");
+                    return;
+                }
+                c->pos = eol + 2;
+                c->state = ST_DONE;
+                return;
+            }
+            if (!(n >= 5 && memcmp(line, "VALUE", 5) == 0 && (n == 5 || line[5] == ' '))) {
+                c->error_at = pos;
+                c->error_len = n;
+                fail(c, F_ERROR_LINE, 0, NULL);
+                return;
+            }
+            /* "VALUE <key> <flags> <length>": exactly four fields, one space apart. */
+            sp1 = 5;
+            sp2 = sp3 = -1;
+            for (i = sp1 + 1; i < n; i++) {
+                if (line[i] == ' ') {
+                    if (sp2 < 0) {
+                        sp2 = i;
+                    }
+                    else if (sp3 < 0) {
+                        sp3 = i;
+                    }
+                    else {
+                        sp3 = -2; /* a fifth field */
+                        break;
+                    }
+                }
+            }
+            if (n == 5 || sp2 < 0 || sp3 < 0) {
+                fail(c, F_PROTOCOL, 0, "malformed VALUE line");
+                return;
+            }
+            if (c->nitems >= c->count) {
+                fail(c, F_PROTOCOL, 0, "reply for a key not asked for");
+                return;
+            }
+            {
+                item_t *it = &c->items[c->nitems];
+                unsigned long long length;
+                int big;
+                if (parse_digits(line + sp2 + 1, sp3 - sp2 - 1, &it->flags, &it->flags_big) < 0) {
+                    fail(c, F_PROTOCOL, 0, "flags is not a number");
+                    return;
+                }
+                if (parse_digits(line + sp3 + 1, n - sp3 - 1, &length, &big) < 0) {
+                    fail(c, F_PROTOCOL, 0, "value length is not a number");
+                    return;
+                }
+                if (big || length > (unsigned long long)max_value) {
+                    fail(c, F_PROTOCOL, 0, NULL);
+                    snprintf(c->message, MESSAGE_SIZE,
+                             "the server declares a %.*s-byte value (MAX_VALUE_SIZE is %zd)",
+                             (int)(n - sp3 - 1), line + sp3 + 1, max_value);
+                    return;
+                }
+                it->key = pos + sp1 + 1;
+                it->key_len = sp2 - sp1 - 1;
+                it->flags_at = pos + sp2 + 1;
+                it->flags_len = sp3 - sp2 - 1;
+                it->data = eol + 2;
+                it->data_len = (Py_ssize_t)length;
+                c->in_block = 1;
+                c->pos = eol + 2;
+            }
+        }
+    }
+}
+
+/* Lines mode: exactly `count` CRLF-ended lines, nothing after them. */
+static void
+parse_lines(conn_t *c, Py_ssize_t max_line)
+{
+    const char *buf = c->buf;
+    Py_ssize_t pos = c->pos;
+    while (c->nitems < c->count) {
+        const char *p = buf + pos;
+        const char *stop = buf + c->len;
+        const char *found = NULL;
+        while (p < stop && (p = memchr(p, '\r', stop - p)) != NULL) {
+            if (p + 1 < stop && p[1] == '\n') {
+                found = p;
+                break;
+            }
+            p++;
+        }
+        if (found == NULL) {
+            break;
+        }
+        c->nitems++;
+        pos = found - buf + 2;
+        c->lines_end = pos;
+    }
+    /* resume the search at the last byte seen (a CRLF may straddle two reads) */
+    c->pos = c->nitems < c->count ? (c->len > pos ? c->len - 1 : pos) : pos;
+    if (c->nitems < c->count) {
+        if (c->len > c->count * max_line) {
+            char message[MESSAGE_SIZE];
+            snprintf(message, MESSAGE_SIZE, "reply longer than %zd lines allow", c->count);
+            fail(c, F_PROTOCOL, 0, message);
+        }
+        return;
+    }
+    if (c->lines_end != c->len) {
+        fail(c, F_PROTOCOL, 0, "unexpected data after reply");
+        return;
+    }
+    c->state = ST_DONE;
+}
+
+/* Read what is ready on c (without waiting) and parse it. */
+static void
+read_ready(conn_t *c, double deadline, double timeout, Py_ssize_t max_value, Py_ssize_t max_line)
+{
+    for (;;) {
+        ssize_t got;
+        if (c->cap - c->len < RECV_CHUNK / 4) {
+            Py_ssize_t cap = c->cap ? c->cap * 2 : RECV_CHUNK;
+            char *grown = realloc(c->buf, (size_t)cap);
+            if (grown == NULL) {
+                fail(c, F_ERRNO, ENOMEM, NULL);
+                return;
+            }
+            c->buf = grown;
+            c->cap = cap;
+        }
+        got = recv(c->fd, c->buf + c->len, (size_t)(c->cap - c->len), MSG_DONTWAIT);
+        if (got < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                fail(c, F_ERRNO, errno, NULL);
+            }
+            return;
+        }
+        if (got == 0) {
+            fail(c, F_CLOSED, 0, NULL);
+            return;
+        }
+        c->len += got;
+        if (c->mode == MODE_GET) {
+            parse_get(c, max_value, max_line);
+        }
+        else {
+            parse_lines(c, max_line);
+        }
+        if (c->state != ST_READING && c->state != ST_SENDING) {
+            return;
+        }
+        if (deadline >= 0 && timeout >= 0 && now() > deadline + timeout) {
+            fail(c, F_LATE, 0, NULL);
+            return;
+        }
+    }
+}
+
+static void
+send_some(conn_t *c)
+{
+    while (c->out_pos < c->out_len) {
+        ssize_t sent = send(c->fd, c->out + c->out_pos, (size_t)(c->out_len - c->out_pos),
+                            MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                fail(c, F_ERRNO, errno, NULL);
+            }
+            return;
+        }
+        c->out_pos += sent;
+    }
+    c->state = ST_READING;
+}
+
+/* The round trips of every connection; 0, or -1 with a Python exception set
+ * (a signal handler's). Called and returns with the GIL held. */
+static int
+run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
+    Py_ssize_t max_value, Py_ssize_t max_line)
+{
+    struct pollfd stack_fds[8];
+    struct pollfd *fds = stack_fds;
+    Py_ssize_t *which, stack_which[8];
+    Py_ssize_t i;
+    int result = 0;
+    PyThreadState *ts;
+
+    which = stack_which;
+    if (n > 8) {
+        fds = PyMem_Malloc(sizeof(*fds) * (size_t)n);
+        which = PyMem_Malloc(sizeof(*which) * (size_t)n);
+        if (fds == NULL || which == NULL) {
+            PyMem_Free(fds);
+            PyMem_Free(which);
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    ts = PyEval_SaveThread();
+    for (i = 0; i < n; i++) {
+        send_some(&conns[i]);
+    }
+    for (;;) {
+        Py_ssize_t active = 0;
+        int wait_ms, ready;
+        for (i = 0; i < n; i++) {
+            conn_t *c = &conns[i];
+            if (c->state == ST_SENDING || c->state == ST_READING) {
+                fds[active].fd = c->fd;
+                /* A reply is read once its command is all sent, as connection.py
+                 * does (memcached queues what it writes meanwhile). */
+                fds[active].events = c->state == ST_SENDING ? POLLOUT : POLLIN;
+                fds[active].revents = 0;
+                which[active++] = i;
+            }
+        }
+        if (active == 0) {
+            break;
+        }
+        if (deadline < 0) {
+            wait_ms = -1;
+        }
+        else {
+            /* Past the deadline it still looks once without waiting: a reply
+             * already there was late only because this process was. */
+            double left = deadline - now();
+            wait_ms = left <= 0 ? 0 : (left > 1e6 ? 1000000000 : (int)ceil(left * 1000));
+        }
+        ready = poll(fds, (nfds_t)active, wait_ms);
+        if (ready < 0) {
+            int err = errno;
+            if (err == EINTR) {
+                PyEval_RestoreThread(ts);
+                if (PyErr_CheckSignals() < 0) {
+                    result = -1;
+                    goto out;
+                }
+                ts = PyEval_SaveThread();
+                continue;
+            }
+            for (i = 0; i < active; i++) {
+                fail(&conns[which[i]], F_ERRNO, err, NULL);
+            }
+            break;
+        }
+        if (ready == 0) {
+            for (i = 0; i < active; i++) {
+                fail(&conns[which[i]], F_TIMEOUT, 0, NULL);
+            }
+            break;
+        }
+        for (i = 0; i < active; i++) {
+            conn_t *c = &conns[which[i]];
+            short revents = fds[i].revents;
+            if (revents == 0) {
+                continue;
+            }
+            if (c->state == ST_SENDING) {
+                send_some(c);
+            }
+            else if (c->state == ST_READING) {
+                read_ready(c, deadline, timeout, max_value, max_line);
+            }
+            if ((revents & POLLNVAL) && (c->state == ST_SENDING || c->state == ST_READING)) {
+                fail(c, F_ERRNO, EBADF, NULL);
+            }
+        }
+    }
+    PyEval_RestoreThread(ts);
+out:
+    if (fds != stack_fds) {
+        PyMem_Free(fds);
+        PyMem_Free(which);
+    }
+    return result;
+}
+
+static PyObject *
+flags_object(conn_t *c, item_t *it)
+{
+    if (!it->flags_big) {
+        return PyLong_FromUnsignedLongLong(it->flags);
+    }
+    {
+        char digits[24];
+        memcpy(digits, c->buf + it->flags_at, (size_t)it->flags_len);
+        digits[it->flags_len] = '\0';
+        return PyLong_FromString(digits, NULL, 10);
+    }
+}
+
+/* What Python gets for one connection: a list on success (get: (wire, flags,
+ * data) tuples; lines: the lines), else a (kind, errno, detail) tuple. */
+static PyObject *
+outcome(conn_t *c)
+{
+    Py_ssize_t i;
+    PyObject *list;
+    if (c->state == ST_FAILED) {
+        if (c->failure == F_ERROR_LINE) {
+            return Py_BuildValue("(iiy#)", c->failure, 0, c->buf + c->error_at, c->error_len);
+        }
+        return Py_BuildValue("(iis)", c->failure, c->err, c->message);
+    }
+    list = PyList_New(c->nitems);
+    if (list == NULL) {
+        return NULL;
+    }
+    if (c->mode == MODE_GET) {
+        for (i = 0; i < c->nitems; i++) {
+            item_t *it = &c->items[i];
+            PyObject *flags = flags_object(c, it);
+            PyObject *item;
+            if (flags == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            item = Py_BuildValue("(y#Ny#)", c->buf + it->key, it->key_len, flags,
+                                 c->buf + it->data, it->data_len);
+            if (item == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            PyList_SET_ITEM(list, i, item);
+        }
+    }
+    else {
+        Py_ssize_t start = 0;
+        for (i = 0; i < c->nitems; i++) {
+            const char *p = c->buf + start;
+            const char *eol = NULL;
+            PyObject *line;
+            while ((p = memchr(p, '\r', (size_t)(c->len - (p - c->buf)))) != NULL) {
+                if (p + 1 < c->buf + c->len && p[1] == '\n') {
+                    eol = p;
+                    break;
+                }
+                p++;
+            }
+            line = PyBytes_FromStringAndSize(c->buf + start, eol - (c->buf + start));
+            if (line == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            PyList_SET_ITEM(list, i, line);
+            start = eol - c->buf + 2;
+        }
+    }
+    return list;
+}
+
+static double
+deadline_arg(PyObject *o)
+{
+    if (o == Py_None) {
+        return -1.0;
+    }
+    return PyFloat_AsDouble(o);
+}
+
+static void
+free_conns(conn_t *conns, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        free(conns[i].buf);
+        PyMem_Free(conns[i].items);
+    }
+}
+
+static int
+init_conn(conn_t *c, int fd, PyObject *command, int mode, Py_ssize_t count)
+{
+    char *data;
+    Py_ssize_t size;
+    memset(c, 0, sizeof(*c));
+    if (PyBytes_AsStringAndSize(command, &data, &size) < 0) {
+        return -1;
+    }
+    if (count < 1 || (mode != MODE_GET && mode != MODE_LINES)) {
+        PyErr_SetString(PyExc_ValueError, "bad mode or count");
+        return -1;
+    }
+    c->fd = fd;
+    c->mode = mode;
+    c->count = count;
+    c->out = data;
+    c->out_len = size;
+    c->state = ST_SENDING;
+    if (mode == MODE_GET) {
+        c->items = PyMem_Malloc(sizeof(item_t) * (size_t)count);
+        if (c->items == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(exchange_doc,
+"exchange(fd, command, mode, count, deadline, timeout, max_value, max_line)\n\n"
+"Send ``command`` on ``fd`` and read its whole reply with the GIL released.");
+
+static PyObject *
+exchange(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    int fd, mode;
+    Py_ssize_t count, max_value, max_line;
+    PyObject *command, *deadline_o, *timeout_o, *result = NULL;
+    double deadline, timeout;
+    conn_t conn;
+    if (!PyArg_ParseTuple(args, "iSnnOOnn", &fd, &command, &mode, &count, &deadline_o,
+                          &timeout_o, &max_value, &max_line)) {
+        return NULL;
+    }
+    deadline = deadline_arg(deadline_o);
+    timeout = deadline_arg(timeout_o);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (init_conn(&conn, fd, command, mode, count) < 0) {
+        free_conns(&conn, 1);
+        return NULL;
+    }
+    Py_INCREF(command); /* kept alive while its bytes are sent without the GIL */
+    if (run(&conn, 1, deadline, timeout, max_value, max_line) == 0) {
+        result = outcome(&conn);
+    }
+    Py_DECREF(command);
+    free_conns(&conn, 1);
+    return result;
+}
+
+PyDoc_STRVAR(exchange_many_doc,
+"exchange_many(requests, deadline, timeout, max_value, max_line)\n\n"
+"``requests``: a list of (fd, command, mode, count); every command is sent,\n"
+"then every reply read, in one release of the GIL. One outcome per request.");
+
+static PyObject *
+exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *requests, *deadline_o, *timeout_o, *seq, *result = NULL;
+    Py_ssize_t n, i, max_value, max_line;
+    double deadline, timeout;
+    conn_t *conns;
+    if (!PyArg_ParseTuple(args, "OOOnn", &requests, &deadline_o, &timeout_o, &max_value,
+                          &max_line)) {
+        return NULL;
+    }
+    deadline = deadline_arg(deadline_o);
+    timeout = deadline_arg(timeout_o);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    seq = PySequence_Fast(requests, "requests must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    n = PySequence_Fast_GET_SIZE(seq);
+    conns = PyMem_Calloc(n ? (size_t)n : 1, sizeof(conn_t));
+    if (conns == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (i = 0; i < n; i++) {
+        int fd, mode;
+        Py_ssize_t count;
+        PyObject *command;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iSin", &fd, &command, &mode,
+                              &count)
+            || init_conn(&conns[i], fd, command, mode, count) < 0) {
+            goto done;
+        }
+    }
+    /* `seq` holds every request, so every command, while the GIL is released. */
+    if (run(conns, n, deadline, timeout, max_value, max_line) < 0) {
+        goto done;
+    }
+    result = PyList_New(n);
+    if (result == NULL) {
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *one = outcome(&conns[i]);
+        if (one == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, one);
+    }
+done:
+    free_conns(conns, n);
+    PyMem_Free(conns);
+    Py_DECREF(seq);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"exchange", exchange, METH_VARARGS, exchange_doc},
+    {"exchange_many", exchange_many, METH_VARARGS, exchange_many_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "djmemcache._speedups",
+    "Round trips to memcached with the GIL released (optional; see connection.py).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "MODE_GET", MODE_GET) < 0
+        || PyModule_AddIntConstant(m, "MODE_LINES", MODE_LINES) < 0
+        || PyModule_AddIntConstant(m, "F_ERRNO", F_ERRNO) < 0
+        || PyModule_AddIntConstant(m, "F_CLOSED", F_CLOSED) < 0
+        || PyModule_AddIntConstant(m, "F_TIMEOUT", F_TIMEOUT) < 0
+        || PyModule_AddIntConstant(m, "F_LATE", F_LATE) < 0
+        || PyModule_AddIntConstant(m, "F_PROTOCOL", F_PROTOCOL) < 0
+        || PyModule_AddIntConstant(m, "F_ERROR_LINE", F_ERROR_LINE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
