@@ -8,6 +8,9 @@ import pytest
 from djmemcache.connection import SEND_NOW_MAX, Connection, ErrorReply, ProtocolError
 from djmemcache.options import parse_options
 
+# Every test runs on both I/O paths: djmemcache._speedups (C) and pure Python.
+pytestmark = pytest.mark.usefixtures("io_path")
+
 
 def _connection(location, **options):
     opts = parse_options(location, options)

@@ -14,6 +14,9 @@ from fakeserver import SILENCE
 
 from djmemcache.connection import BLOCKING_READ_MIN_TIMEOUT, BLOCKING_READ_SLICE
 
+# Every test runs on both I/O paths: djmemcache._speedups (C) and pure Python.
+pytestmark = pytest.mark.usefixtures("io_path")
+
 SLACK = 3.0  # a loaded 2-core machine stalls threads for seconds at times
 
 

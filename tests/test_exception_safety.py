@@ -14,7 +14,8 @@ from djmemcache import DjmemcacheError
 
 from helpers import run_threads
 
-pytestmark = pytest.mark.slow
+# Both I/O paths: djmemcache._speedups (C) and pure Python.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("io_path")]
 
 
 class AlarmError(Exception):

@@ -16,6 +16,9 @@ from fakeserver import CLOSE, SILENCE, Dribble
 
 from djmemcache import ServerError
 
+# Every test runs on both I/O paths: djmemcache._speedups (C) and pure Python.
+pytestmark = pytest.mark.usefixtures("io_path")
+
 TIMEOUT = 1.0
 # No call may last longer, whatever the server does: twice TIMEOUT, plus
 # slack for a loaded machine (2 cores shared by several test runs stalled a
