@@ -53,7 +53,7 @@ typedef struct {
 } item_t;
 
 typedef struct {
-    int fd, mode, state, failure, err;
+    int fd, mode, blocks, state, failure, err;
     Py_ssize_t count;              /* values (get) or lines (lines) at most / exactly */
     const char *out;
     Py_ssize_t out_len, out_pos;
@@ -274,48 +274,63 @@ parse_lines(conn_t *c, Py_ssize_t max_line)
     c->state = ST_DONE;
 }
 
-/* Read what is ready on c (without waiting) and parse it. */
+/* One recv on c (MSG_DONTWAIT, or 0 to wait up to the socket's SO_RCVTIMEO),
+ * and parse what came. Returns 1 when bytes came, 0 when none were there
+ * (or the wait's slice ran out), EINTR for a signal; c failed otherwise. */
+static int
+receive(conn_t *c, int flags, double deadline, double timeout, Py_ssize_t max_value,
+        Py_ssize_t max_line)
+{
+    ssize_t got;
+    if (c->cap - c->len < RECV_CHUNK / 4) {
+        /* Grows with the bytes received, never with a length declared. */
+        Py_ssize_t cap = c->cap ? c->cap * 2 : RECV_CHUNK;
+        char *grown = realloc(c->buf, (size_t)cap);
+        if (grown == NULL) {
+            fail(c, F_ERRNO, ENOMEM, NULL);
+            return -1;
+        }
+        c->buf = grown;
+        c->cap = cap;
+    }
+    got = recv(c->fd, c->buf + c->len, (size_t)(c->cap - c->len), flags);
+    if (got < 0) {
+        int err = errno;
+        if (err == EINTR) {
+            return EINTR;
+        }
+        if (err == EAGAIN || err == EWOULDBLOCK) {
+            return 0;
+        }
+        fail(c, F_ERRNO, err, NULL);
+        return -1;
+    }
+    if (got == 0) {
+        fail(c, F_CLOSED, 0, NULL);
+        return -1;
+    }
+    c->len += got;
+    if (c->mode == MODE_GET) {
+        parse_get(c, max_value, max_line);
+    }
+    else {
+        parse_lines(c, max_line);
+    }
+    if (c->state == ST_READING && deadline >= 0 && timeout >= 0 && now() > deadline + timeout) {
+        /* Whatever the server declares, the call ends: a flood of lines
+         * would otherwise hold it. */
+        fail(c, F_LATE, 0, NULL);
+    }
+    return 1;
+}
+
+/* Read what is ready on c, without waiting. */
 static void
 read_ready(conn_t *c, double deadline, double timeout, Py_ssize_t max_value, Py_ssize_t max_line)
 {
-    for (;;) {
-        ssize_t got;
-        if (c->cap - c->len < RECV_CHUNK / 4) {
-            Py_ssize_t cap = c->cap ? c->cap * 2 : RECV_CHUNK;
-            char *grown = realloc(c->buf, (size_t)cap);
-            if (grown == NULL) {
-                fail(c, F_ERRNO, ENOMEM, NULL);
-                return;
-            }
-            c->buf = grown;
-            c->cap = cap;
-        }
-        got = recv(c->fd, c->buf + c->len, (size_t)(c->cap - c->len), MSG_DONTWAIT);
-        if (got < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                fail(c, F_ERRNO, errno, NULL);
-            }
-            return;
-        }
-        if (got == 0) {
-            fail(c, F_CLOSED, 0, NULL);
-            return;
-        }
-        c->len += got;
-        if (c->mode == MODE_GET) {
-            parse_get(c, max_value, max_line);
-        }
-        else {
-            parse_lines(c, max_line);
-        }
-        if (c->state != ST_READING && c->state != ST_SENDING) {
-            return;
-        }
-        if (deadline >= 0 && timeout >= 0 && now() > deadline + timeout) {
-            fail(c, F_LATE, 0, NULL);
+    while (c->state == ST_READING) {
+        int got = receive(c, MSG_DONTWAIT, deadline, timeout, max_value, max_line);
+        if (got == 0 || got < 0) {
             return;
         }
     }
@@ -345,8 +360,9 @@ send_some(conn_t *c)
  * (a signal handler's). Called and returns with the GIL held. */
 static int
 run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
-    Py_ssize_t max_value, Py_ssize_t max_line)
+    Py_ssize_t max_value, Py_ssize_t max_line, double min_blocking)
 {
+    int may_block = 1;
     struct pollfd stack_fds[8];
     struct pollfd *fds = stack_fds;
     Py_ssize_t *which, stack_which[8];
@@ -370,10 +386,17 @@ run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
         send_some(&conns[i]);
     }
     for (;;) {
-        Py_ssize_t active = 0;
+        Py_ssize_t active = 0, sending = 0;
         int wait_ms, ready;
+        conn_t *blocking = NULL;
         for (i = 0; i < n; i++) {
             conn_t *c = &conns[i];
+            if (c->state == ST_SENDING) {
+                sending++;
+            }
+            else if (c->state == ST_READING && blocking == NULL && c->blocks && may_block) {
+                blocking = c;
+            }
             if (c->state == ST_SENDING || c->state == ST_READING) {
                 fds[active].fd = c->fd;
                 /* A reply is read once its command is all sent, as connection.py
@@ -385,6 +408,32 @@ run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
         }
         if (active == 0) {
             break;
+        }
+        if (sending) {
+            blocking = NULL;
+        }
+        if (blocking != NULL) {
+            /* Every command is sent: wait for the first unfinished reply in a
+             * blocking recv bounded by SO_RCVTIMEO (one syscall where poll +
+             * recv made two; the replies of the others are read, usually
+             * already there, when its turn comes). A signal ends the wait
+             * (with SO_RCVTIMEO set, even after an SA_RESTART handler). Only
+             * with BLOCKING_READ_MIN_TIMEOUT left: the kernel counts in ticks. */
+            int got;
+            if (deadline >= 0 && deadline - now() < min_blocking) {
+                may_block = 0;  /* poll waits out the rest */
+                continue;
+            }
+            got = receive(blocking, 0, deadline, timeout, max_value, max_line);
+            if (got == EINTR) {
+                PyEval_RestoreThread(ts);
+                if (PyErr_CheckSignals() < 0) {
+                    result = -1;
+                    goto out;
+                }
+                ts = PyEval_SaveThread();
+            }
+            continue;
         }
         if (deadline < 0) {
             wait_ms = -1;
@@ -538,7 +587,7 @@ free_conns(conn_t *conns, Py_ssize_t n)
 }
 
 static int
-init_conn(conn_t *c, int fd, PyObject *command, int mode, Py_ssize_t count)
+init_conn(conn_t *c, int fd, PyObject *command, int mode, Py_ssize_t count, int blocks)
 {
     char *data;
     Py_ssize_t size;
@@ -552,6 +601,7 @@ init_conn(conn_t *c, int fd, PyObject *command, int mode, Py_ssize_t count)
     }
     c->fd = fd;
     c->mode = mode;
+    c->blocks = blocks;
     c->count = count;
     c->out = data;
     c->out_len = size;
@@ -567,19 +617,20 @@ init_conn(conn_t *c, int fd, PyObject *command, int mode, Py_ssize_t count)
 }
 
 PyDoc_STRVAR(exchange_doc,
-"exchange(fd, command, mode, count, deadline, timeout, max_value, max_line)\n\n"
-"Send ``command`` on ``fd`` and read its whole reply with the GIL released.");
+"exchange(fd, command, mode, count, blocks, deadline, timeout, max_value, max_line, min_blocking)\n\n"
+"Send ``command`` on ``fd`` and read its whole reply with the GIL released.\n"
+"``blocks``: the socket has SO_RCVTIMEO set, so a blocking recv may wait.");
 
 static PyObject *
 exchange(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    int fd, mode;
+    int fd, mode, blocks;
     Py_ssize_t count, max_value, max_line;
     PyObject *command, *deadline_o, *timeout_o, *result = NULL;
-    double deadline, timeout;
+    double deadline, timeout, min_blocking;
     conn_t conn;
-    if (!PyArg_ParseTuple(args, "iSnnOOnn", &fd, &command, &mode, &count, &deadline_o,
-                          &timeout_o, &max_value, &max_line)) {
+    if (!PyArg_ParseTuple(args, "iSinpOOnnd", &fd, &command, &mode, &count, &blocks,
+                          &deadline_o, &timeout_o, &max_value, &max_line, &min_blocking)) {
         return NULL;
     }
     deadline = deadline_arg(deadline_o);
@@ -587,12 +638,12 @@ exchange(PyObject *Py_UNUSED(self), PyObject *args)
     if (PyErr_Occurred()) {
         return NULL;
     }
-    if (init_conn(&conn, fd, command, mode, count) < 0) {
+    if (init_conn(&conn, fd, command, mode, count, blocks) < 0) {
         free_conns(&conn, 1);
         return NULL;
     }
     Py_INCREF(command); /* kept alive while its bytes are sent without the GIL */
-    if (run(&conn, 1, deadline, timeout, max_value, max_line) == 0) {
+    if (run(&conn, 1, deadline, timeout, max_value, max_line, min_blocking) == 0) {
         result = outcome(&conn);
     }
     Py_DECREF(command);
@@ -601,8 +652,8 @@ exchange(PyObject *Py_UNUSED(self), PyObject *args)
 }
 
 PyDoc_STRVAR(exchange_many_doc,
-"exchange_many(requests, deadline, timeout, max_value, max_line)\n\n"
-"``requests``: a list of (fd, command, mode, count); every command is sent,\n"
+"exchange_many(requests, deadline, timeout, max_value, max_line, min_blocking)\n\n"
+"``requests``: a list of (fd, command, mode, count, blocks); every command is sent,\n"
 "then every reply read, in one release of the GIL. One outcome per request.");
 
 static PyObject *
@@ -610,10 +661,10 @@ exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *requests, *deadline_o, *timeout_o, *seq, *result = NULL;
     Py_ssize_t n, i, max_value, max_line;
-    double deadline, timeout;
+    double deadline, timeout, min_blocking;
     conn_t *conns;
-    if (!PyArg_ParseTuple(args, "OOOnn", &requests, &deadline_o, &timeout_o, &max_value,
-                          &max_line)) {
+    if (!PyArg_ParseTuple(args, "OOOnnd", &requests, &deadline_o, &timeout_o, &max_value,
+                          &max_line, &min_blocking)) {
         return NULL;
     }
     deadline = deadline_arg(deadline_o);
@@ -632,17 +683,17 @@ exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
         return PyErr_NoMemory();
     }
     for (i = 0; i < n; i++) {
-        int fd, mode;
+        int fd, mode, blocks;
         Py_ssize_t count;
         PyObject *command;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iSin", &fd, &command, &mode,
-                              &count)
-            || init_conn(&conns[i], fd, command, mode, count) < 0) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iSinp", &fd, &command, &mode,
+                              &count, &blocks)
+            || init_conn(&conns[i], fd, command, mode, count, blocks) < 0) {
             goto done;
         }
     }
     /* `seq` holds every request, so every command, while the GIL is released. */
-    if (run(conns, n, deadline, timeout, max_value, max_line) < 0) {
+    if (run(conns, n, deadline, timeout, max_value, max_line, min_blocking) < 0) {
         goto done;
     }
     result = PyList_New(n);

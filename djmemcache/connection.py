@@ -575,8 +575,9 @@ class Connection:
         wire = self.key_prefix + key.encode("utf-8")
         deadline = self.deadline()
         if self._native:
-            found = _speedups.exchange(self._fd, b"get " + wire + b"\r\n", _GET, 1, deadline,
-                                       self.timeout, self.max_value_size, MAX_LINE)
+            found = _speedups.exchange(self._fd, b"get " + wire + b"\r\n", _GET, 1, self._first_read_blocks,
+                                       deadline, self.timeout, self.max_value_size, MAX_LINE,
+                                       BLOCKING_READ_MIN_TIMEOUT)
             if type(found) is not list:
                 raise _native_failure(self, found)
             if not found:
@@ -682,7 +683,8 @@ class Connection:
         """What ``_speedups.exchange_many`` needs to run this connection's part
         of a pipelined ``get_many`` (no I/O here), and the wire keys."""
         wires = self._wires(keys)
-        return (self._fd, b"get " + b" ".join(wires) + b"\r\n", _GET, len(wires)), wires
+        return (self._fd, b"get " + b" ".join(wires) + b"\r\n", _GET, len(wires),
+                self._first_read_blocks), wires
 
     def get_many_outcome(self, outcome, wires):
         """``{key: (data, flags)}`` from ``_speedups``' outcome, or raise its failure."""
@@ -746,8 +748,9 @@ class Connection:
         request = b"%s %s %d %d %d\r\n%s\r\n" % (
             command, self.key_prefix + key.encode("utf-8"), flags, expire, len(data), data)
         if self._native:
-            lines = _speedups.exchange(self._fd, request, _LINES, 1, deadline,
-                                       self.timeout, self.max_value_size, MAX_LINE)
+            lines = _speedups.exchange(self._fd, request, _LINES, 1, self._first_read_blocks, deadline,
+                                       self.timeout, self.max_value_size, MAX_LINE,
+                                       BLOCKING_READ_MIN_TIMEOUT)
             if type(lines) is not list:
                 raise _native_failure(self, lines)
             return None if lines[0] == b"STORED" else _store_outcome(lines[0])
@@ -812,8 +815,9 @@ class Connection:
     def _one_line(self, command):
         deadline = self.deadline()
         if self._native:
-            lines = _speedups.exchange(self._fd, command, _LINES, 1, deadline,
-                                       self.timeout, self.max_value_size, MAX_LINE)
+            lines = _speedups.exchange(self._fd, command, _LINES, 1, self._first_read_blocks, deadline,
+                                       self.timeout, self.max_value_size, MAX_LINE,
+                                       BLOCKING_READ_MIN_TIMEOUT)
             if type(lines) is not list:
                 raise _native_failure(self, lines)
             return lines[0]
@@ -951,7 +955,8 @@ _LINES = getattr(_speedups, "MODE_LINES", 1)
 
 def exchange_many(requests, deadline, timeout, max_value):
     """Every request's round trip in one C call (``Client._pipeline``)."""
-    return _speedups.exchange_many(requests, deadline, timeout, max_value, MAX_LINE)
+    return _speedups.exchange_many(requests, deadline, timeout, max_value, MAX_LINE,
+                                   BLOCKING_READ_MIN_TIMEOUT)
 
 
 def _native_failure(conn, failure):
