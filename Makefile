@@ -6,7 +6,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PIP_FLAGS ?= -q --disable-pip-version-check
-SYSTEM_DEPS := memcached:memcached nutcracker:nutcracker
+# gcc builds djmemcache._speedups (optional C; tests/test_speedups.py checks it is built)
+SYSTEM_DEPS := memcached:memcached nutcracker:nutcracker gcc:gcc
 ARGS ?=
 
 .PHONY: test test-dj52 test-matrix lint demo bench bench-stampede system-deps clean
@@ -16,7 +17,7 @@ test: system-deps lint test-matrix
 system-deps:
 	@scripts/ensure-system-deps $(SYSTEM_DEPS)
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py djmemcache/_speedups.c
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) "Django>=5.2,<6.0" -e ".[test]" ruff readme_renderer
 	@touch $@
