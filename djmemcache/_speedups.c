@@ -40,9 +40,16 @@
 enum { MODE_GET = 0, MODE_LINES = 1 };
 enum { ST_SENDING, ST_READING, ST_DONE, ST_FAILED };
 /* Failure kinds, as returned to Python (connection.py maps them). */
-enum { F_ERRNO = 1, F_CLOSED, F_TIMEOUT, F_LATE, F_PROTOCOL, F_ERROR_LINE };
+enum { F_ERRNO = 1, F_CLOSED, F_TIMEOUT, F_LATE, F_PROTOCOL, F_ERROR_LINE, F_NOMEM };
 
 #define RECV_CHUNK 65536
+/* The longest wait between two looks for signals (BLOCKING_READ_SLICE in
+ * connection.py, which sets the sockets' SO_RCVTIMEO to it). */
+#define SLICE 0.040
+#define SLICE_MS 40
+/* At most this many recvs of one reply before the loop looks for signals
+ * and the deadline again (a fast stream never makes read_ready wait). */
+#define READS_PER_TURN 16
 #define MESSAGE_SIZE 160
 
 typedef struct {
@@ -285,9 +292,10 @@ receive(conn_t *c, int flags, double deadline, double timeout, Py_ssize_t max_va
     if (c->cap - c->len < RECV_CHUNK / 4) {
         /* Grows with the bytes received, never with a length declared. */
         Py_ssize_t cap = c->cap ? c->cap * 2 : RECV_CHUNK;
-        char *grown = realloc(c->buf, (size_t)cap);
+        /* PyMem_Raw*: safe without the GIL, and seen by tracemalloc. */
+        char *grown = PyMem_RawRealloc(c->buf, (size_t)cap);
         if (grown == NULL) {
-            fail(c, F_ERRNO, ENOMEM, NULL);
+            fail(c, F_NOMEM, 0, NULL);
             return -1;
         }
         c->buf = grown;
@@ -328,7 +336,8 @@ receive(conn_t *c, int flags, double deadline, double timeout, Py_ssize_t max_va
 static void
 read_ready(conn_t *c, double deadline, double timeout, Py_ssize_t max_value, Py_ssize_t max_line)
 {
-    while (c->state == ST_READING) {
+    int turns;
+    for (turns = 0; turns < READS_PER_TURN && c->state == ST_READING; turns++) {
         int got = receive(c, MSG_DONTWAIT, deadline, timeout, max_value, max_line);
         if (got == 0 || got < 0) {
             return;
@@ -356,8 +365,26 @@ send_some(conn_t *c)
     c->state = ST_READING;
 }
 
+/* Take the GIL, run the Python handlers of signals received meanwhile, and
+ * let it go again; -1 (GIL held, exception set) when a handler raised. */
+static int
+check_signals(PyThreadState **ts)
+{
+    PyEval_RestoreThread(*ts);
+    if (PyErr_CheckSignals() < 0) {
+        return -1;
+    }
+    *ts = PyEval_SaveThread();
+    return 0;
+}
+
 /* The round trips of every connection; 0, or -1 with a Python exception set
- * (a signal handler's). Called and returns with the GIL held. */
+ * (a signal handler's). Called and returns with the GIL held.
+ *
+ * Signals: a wait that a signal interrupts (EINTR) runs its handler at
+ * once; a signal that arrives while this code is not waiting (sending,
+ * reading a long reply) is looked for at least every SLICE, since every
+ * wait is at most that long. */
 static int
 run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
     Py_ssize_t max_value, Py_ssize_t max_line, double min_blocking)
@@ -368,6 +395,7 @@ run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
     Py_ssize_t *which, stack_which[8];
     Py_ssize_t i;
     int result = 0;
+    double checked;
     PyThreadState *ts;
 
     which = stack_which;
@@ -382,21 +410,24 @@ run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
         }
     }
     ts = PyEval_SaveThread();
+    checked = now();
     for (i = 0; i < n; i++) {
         send_some(&conns[i]);
     }
     for (;;) {
-        Py_ssize_t active = 0, sending = 0;
-        int wait_ms, ready;
-        conn_t *blocking = NULL;
+        Py_ssize_t active = 0;
+        int wait_ms, ready, late = 0;
+        conn_t *last = NULL;
+        double t = now();
+        if (t - checked >= SLICE) {
+            if (check_signals(&ts) < 0) {
+                result = -1;
+                goto out;
+            }
+            checked = t;
+        }
         for (i = 0; i < n; i++) {
             conn_t *c = &conns[i];
-            if (c->state == ST_SENDING) {
-                sending++;
-            }
-            else if (c->state == ST_READING && blocking == NULL && c->blocks && may_block) {
-                blocking = c;
-            }
             if (c->state == ST_SENDING || c->state == ST_READING) {
                 fds[active].fd = c->fd;
                 /* A reply is read once its command is all sent, as connection.py
@@ -404,56 +435,60 @@ run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
                 fds[active].events = c->state == ST_SENDING ? POLLOUT : POLLIN;
                 fds[active].revents = 0;
                 which[active++] = i;
+                last = c;
             }
         }
         if (active == 0) {
             break;
         }
-        if (sending) {
-            blocking = NULL;
-        }
-        if (blocking != NULL) {
-            /* Every command is sent: wait for the first unfinished reply in a
-             * blocking recv bounded by SO_RCVTIMEO (one syscall where poll +
-             * recv made two; the replies of the others are read, usually
-             * already there, when its turn comes). A signal ends the wait
-             * (with SO_RCVTIMEO set, even after an SA_RESTART handler). Only
-             * with BLOCKING_READ_MIN_TIMEOUT left: the kernel counts in ticks. */
+        if (active == 1 && last->state == ST_READING && last->blocks && may_block) {
+            /* One reply left (a one-server command, or the last server of a
+             * pipeline): wait for it in one blocking recv bounded by the
+             * socket's SO_RCVTIMEO (BLOCKING_READ_SLICE), one syscall where
+             * poll + recv made two. With several replies left, poll waits for
+             * all at once: a slow server must not keep a fast one's large
+             * reply unread until the deadline. A signal ends the wait (with
+             * SO_RCVTIMEO set, even after an SA_RESTART handler). Only with
+             * BLOCKING_READ_MIN_TIMEOUT left: the kernel counts in ticks. */
             int got;
-            if (deadline >= 0 && deadline - now() < min_blocking) {
+            if (deadline >= 0 && deadline - t < min_blocking) {
                 may_block = 0;  /* poll waits out the rest */
                 continue;
             }
-            got = receive(blocking, 0, deadline, timeout, max_value, max_line);
+            got = receive(last, 0, deadline, timeout, max_value, max_line);
             if (got == EINTR) {
-                PyEval_RestoreThread(ts);
-                if (PyErr_CheckSignals() < 0) {
+                if (check_signals(&ts) < 0) {
                     result = -1;
                     goto out;
                 }
-                ts = PyEval_SaveThread();
+                checked = now();
+            }
+            else if (got == 0 && now() - t < SLICE / 4) {
+                /* The slice over long before its time: the socket does not
+                 * block (no SO_RCVTIMEO), so poll must do the waiting. */
+                may_block = 0;
             }
             continue;
         }
         if (deadline < 0) {
-            wait_ms = -1;
+            wait_ms = SLICE_MS;
         }
         else {
             /* Past the deadline it still looks once without waiting: a reply
              * already there was late only because this process was. */
-            double left = deadline - now();
-            wait_ms = left <= 0 ? 0 : (left > 1e6 ? 1000000000 : (int)ceil(left * 1000));
+            double left = deadline - t;
+            late = left <= 0;
+            wait_ms = late ? 0 : (left >= SLICE ? SLICE_MS : (int)ceil(left * 1000));
         }
         ready = poll(fds, (nfds_t)active, wait_ms);
         if (ready < 0) {
             int err = errno;
             if (err == EINTR) {
-                PyEval_RestoreThread(ts);
-                if (PyErr_CheckSignals() < 0) {
+                if (check_signals(&ts) < 0) {
                     result = -1;
                     goto out;
                 }
-                ts = PyEval_SaveThread();
+                checked = now();
                 continue;
             }
             for (i = 0; i < active; i++) {
@@ -462,10 +497,13 @@ run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
             break;
         }
         if (ready == 0) {
-            for (i = 0; i < active; i++) {
-                fail(&conns[which[i]], F_TIMEOUT, 0, NULL);
+            if (late) {
+                for (i = 0; i < active; i++) {
+                    fail(&conns[which[i]], F_TIMEOUT, 0, NULL);
+                }
+                break;
             }
-            break;
+            continue;
         }
         for (i = 0; i < active; i++) {
             conn_t *c = &conns[which[i]];
@@ -581,7 +619,7 @@ free_conns(conn_t *conns, Py_ssize_t n)
 {
     Py_ssize_t i;
     for (i = 0; i < n; i++) {
-        free(conns[i].buf);
+        PyMem_RawFree(conns[i].buf);
         PyMem_Free(conns[i].items);
     }
 }
@@ -672,11 +710,13 @@ exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
     if (PyErr_Occurred()) {
         return NULL;
     }
-    seq = PySequence_Fast(requests, "requests must be a sequence");
+    /* A tuple of its own: the caller's list may change while the GIL is
+     * released, and the commands' bytes must stay alive. */
+    seq = PySequence_Tuple(requests);
     if (seq == NULL) {
         return NULL;
     }
-    n = PySequence_Fast_GET_SIZE(seq);
+    n = PyTuple_GET_SIZE(seq);
     conns = PyMem_Calloc(n ? (size_t)n : 1, sizeof(conn_t));
     if (conns == NULL) {
         Py_DECREF(seq);
@@ -686,7 +726,7 @@ exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
         int fd, mode, blocks;
         Py_ssize_t count;
         PyObject *command;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iSinp", &fd, &command, &mode,
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(seq, i), "iSinp", &fd, &command, &mode,
                               &count, &blocks)
             || init_conn(&conns[i], fd, command, mode, count, blocks) < 0) {
             goto done;
@@ -741,7 +781,8 @@ PyInit__speedups(void)
         || PyModule_AddIntConstant(m, "F_TIMEOUT", F_TIMEOUT) < 0
         || PyModule_AddIntConstant(m, "F_LATE", F_LATE) < 0
         || PyModule_AddIntConstant(m, "F_PROTOCOL", F_PROTOCOL) < 0
-        || PyModule_AddIntConstant(m, "F_ERROR_LINE", F_ERROR_LINE) < 0) {
+        || PyModule_AddIntConstant(m, "F_ERROR_LINE", F_ERROR_LINE) < 0
+        || PyModule_AddIntConstant(m, "F_NOMEM", F_NOMEM) < 0) {
         Py_DECREF(m);
         return NULL;
     }

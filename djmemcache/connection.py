@@ -969,6 +969,8 @@ def _native_failure(conn, failure):
         return ConnectionClosed("connection closed by the server")
     if kind == _speedups.F_TIMEOUT:
         return IOTimeout("timed out")
+    if kind == _speedups.F_NOMEM:  # the caller's trouble, not the server's
+        return MemoryError("no memory for the reply of %s" % conn.server)
     if kind == _speedups.F_LATE:
         return IOTimeout("reply still arriving at twice TIMEOUT")
     if kind == _speedups.F_ERROR_LINE:

@@ -264,3 +264,28 @@ def test_a_reply_flooding_in_ends_at_twice_timeout_without_starving_other_thread
     assert took < 2 * 0.5 + SLACK
     assert len(ticks) >= took * 100 / 4  # the other thread kept running
     assert cache.stats()[0]["in_use"] == 0
+
+
+def test_a_signal_while_a_long_reply_streams_in_runs_its_handler_long_before_timeout(
+        fake_memcached, make_cache):
+    """A signal that arrives while the reply is being read, not waited for,
+    has no wait to interrupt: the C path used to run its handler only when
+    the call ended (at TIMEOUT, or never with a stalled server and no
+    TIMEOUT). Every wait is now at most BLOCKING_READ_SLICE long and the
+    handlers run between waits."""
+    size = 24 * 1024 * 1024
+    # The value streams in, then the server stalls before its end.
+    fake_memcached.reply((b"VALUE :1:k 0 %d\r\n" % size + b"a" * (size - 1), SILENCE))
+    cache = make_cache(fake_memcached.location, {"TIMEOUT": 20, "MAX_VALUE_SIZE": 32 * 1024 * 1024})
+
+    class Stop(Exception):
+        pass
+
+    def raise_stop(*_):
+        raise Stop()
+
+    started = time.monotonic()
+    with _alarms(raise_stop, 0.01), pytest.raises(Stop):
+        cache.get("k")
+    assert time.monotonic() - started < 1.0 + SLACK
+    assert cache.stats()[0]["in_use"] == 0

@@ -3,11 +3,16 @@ switched off by DJMEMCACHE_PURE_PYTHON, and giving what the pure-Python path
 gives. The wire-level test modules (hostile servers, deadlines, signals) run
 every test on both paths through the ``io_path`` fixture."""
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+from fakeserver import SILENCE
 
 from djmemcache import client as client_module
 from djmemcache import connection
@@ -101,3 +106,158 @@ def test_a_store_incr_touch_and_delete_round_trip_on_the_c_path(native_only, mc3
         cache.incr("n")
     pool = cache._client.pools[cache._client.index_for(cache.make_and_validate_key("n"))]
     assert pool.status()["in_use"] == 0
+
+
+def test_a_slow_server_does_not_keep_a_fast_servers_large_reply_unread_until_timeout(
+        native_only, make_cache):
+    """Server A answers just inside TIMEOUT, server B at once with more than
+    the socket buffers hold: B's reply is read while A is waited for (one
+    poll for both), so B is neither timed out nor blacklisted."""
+    from fakeserver import FakeMemcached
+
+    timeout = 1.0
+    value = b"v" * 300_000
+
+    def slow_miss(line, data):
+        time.sleep(timeout - 0.3)
+        return b"END\r\n"
+
+    def every_key(line, data):
+        keys = line.split(b" ")[1:]
+        return b"".join(b"VALUE %s 0 %d\r\n%s\r\n" % (key, len(value), value) for key in keys) + b"END\r\n"
+
+    servers = [FakeMemcached(), FakeMemcached()]
+    try:
+        cache = make_cache([s.location for s in servers], {"TIMEOUT": timeout, "IGNORE_EXC": False})
+        keys = ["key%d" % i for i in range(60)]
+        client = cache._client if cache._client is not None else cache.client
+        placed = {i: [k for k in keys if client.index_for(cache.make_and_validate_key(k)) == i]
+                  for i in range(2)}
+        assert placed[0] and placed[1]
+        servers[0].reply(slow_miss)
+        servers[1].reply(every_key)
+        found = cache.get_many(placed[0] + placed[1])
+        assert found == dict.fromkeys(placed[1], value)
+        assert [s["errors"] for s in cache.stats()] == [0, 0]
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@contextlib.contextmanager
+def _streaming_server(header, body):
+    """A server that answers one command with ``header`` then ``body`` as fast
+    as the client reads (no send timeout, unlike fakeserver), then stalls."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            try:
+                conn.sendall(header)
+                conn.sendall(body)
+            except OSError:
+                return
+            done.wait(30)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield "127.0.0.1:%d" % listener.getsockname()[1]
+    finally:
+        done.set()
+        listener.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["native", "python"])
+def test_running_out_of_memory_for_a_reply_is_a_memory_error_not_a_server_fault(pure):
+    """Under RLIMIT_AS the receive buffer cannot grow: that is the caller's
+    trouble (MemoryError), not the server's, so the server is not counted
+    as failing and IGNORE_EXC does not turn it into a silent miss."""
+    if not pure and connection._speedups is None:
+        pytest.skip("djmemcache._speedups is not built")
+    script = """
+import resource, sys, django
+from django.conf import settings
+settings.configure(CACHES={}, USE_TZ=True)
+django.setup()
+from djmemcache.backend import PyMemcacheCache
+cache = PyMemcacheCache(sys.argv[1], {"OPTIONS": {"IGNORE_EXC": True, "TIMEOUT": 20, "MAX_VALUE_SIZE": 2**31 - 3}})
+size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + 100 * 1024 * 1024, resource.RLIM_INFINITY))
+try:
+    cache.get("k")
+except MemoryError:
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    stats = cache.stats()[0]
+    print("MemoryError", stats["errors"], stats["in_use"])
+"""
+    env = dict(os.environ)
+    env.pop("DJMEMCACHE_PURE_PYTHON", None)
+    if pure:
+        env["DJMEMCACHE_PURE_PYTHON"] = "1"
+    with _streaming_server(b"VALUE :1:k 0 %d\r\n" % (400 << 20), b"a" * (256 << 20)) as where:
+        out = subprocess.run([sys.executable, "-c", script, where], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert out.stdout.split() == ["MemoryError", "0", "0"], out.stderr[-2000:]
+
+
+def test_a_socket_that_does_not_block_is_waited_for_in_poll_not_spun_on(native_only, fake_memcached):
+    """``blocks`` says the socket has SO_RCVTIMEO; if a caller gets that wrong
+    (a non-blocking socket), the blocking read returns at once every time:
+    poll takes over instead of a busy loop until the deadline."""
+    import resource
+    import socket
+
+    fake_memcached.reply(SILENCE)
+    host, port = fake_memcached.location.split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.setblocking(False)
+    try:
+        before = resource.getrusage(resource.RUSAGE_THREAD)
+        outcome = connection._speedups.exchange(
+            sock.fileno(), b"get k\r\n", connection._GET, 1, True, time.monotonic() + 0.5, 0.5,
+            2**20, connection.MAX_LINE, connection.BLOCKING_READ_MIN_TIMEOUT)
+        after = resource.getrusage(resource.RUSAGE_THREAD)
+    finally:
+        sock.close()
+    assert outcome[0] == connection._speedups.F_TIMEOUT
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 0.2
+
+
+def test_a_signal_another_thread_receives_runs_its_handler_while_the_main_thread_waits(
+        native_only, fake_memcached, make_cache):
+    """The kernel may deliver a process's signal to any thread; Python runs
+    the handler in the main thread, whose wait that signal did not
+    interrupt. The C path looks for pending handlers at least every
+    BLOCKING_READ_SLICE, so the handler runs while a stalled server is
+    still waited for, long before TIMEOUT (it used to wait for TIMEOUT, or
+    with no TIMEOUT for the stall's end)."""
+    import signal
+
+    fake_memcached.reply(SILENCE)
+    cache = make_cache(fake_memcached.location, {"TIMEOUT": 10})
+
+    class Stop(Exception):
+        pass
+
+    def raise_stop(*_):
+        raise Stop()
+
+    previous = signal.signal(signal.SIGALRM, raise_stop)
+    sender = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGALRM))
+    sender.start()  # before the mask below: the sender's thread can receive it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    started = time.monotonic()
+    try:
+        with pytest.raises(Stop):
+            cache.get("k")
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+        signal.signal(signal.SIGALRM, previous)
+        sender.cancel()
+    assert time.monotonic() - started < 2.0
+    assert cache.stats()[0]["in_use"] == 0
