@@ -21,6 +21,11 @@ Why our own rather than pymemcache's ``Client``:
   without releasing the GIL (``Connection._send``).
 - pipelining: ``send_*``/``read_*`` split a multi-key command in two, so the
   client sends every server its batch before reading any reply.
+- with ``djmemcache._speedups`` (optional C, ``_speedups.c``), ``get``,
+  ``get_many``, storage and one-line commands make their whole round trip,
+  for every server of a pipeline at once, in one C call with the GIL
+  released; the checks, deadlines and exceptions are the same, and the
+  Python code here does the rest (gevent, TLS, no compiler).
 
 Values cross this layer as ``(bytes, flags)``. Every method either returns
 after reading its complete reply, or raises; a connection that raised is
