@@ -25,6 +25,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -755,7 +756,33 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(stale_doc,
+"stale(fd)\n\n"
+"True when an idle connection has something to read (the server's close,\n"
+"an error, or bytes nobody asked for): one non-blocking peek, keeping the\n"
+"GIL (it cannot wait), for the pool's check of connections idle a while.");
+
+static PyObject *
+stale(PyObject *Py_UNUSED(self), PyObject *arg)
+{
+    char byte;
+    ssize_t got;
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (fd < INT_MIN || fd > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "fd out of range");
+        return NULL;
+    }
+    do {
+        got = recv((int)fd, &byte, 1, MSG_DONTWAIT | MSG_PEEK);
+    } while (got < 0 && errno == EINTR);
+    return PyBool_FromLong(got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK));
+}
+
 static PyMethodDef methods[] = {
+    {"stale", stale, METH_O, stale_doc},
     {"exchange", exchange, METH_VARARGS, exchange_doc},
     {"exchange_many", exchange_many, METH_VARARGS, exchange_many_doc},
     {NULL, NULL, 0, NULL},

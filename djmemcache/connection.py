@@ -367,6 +367,8 @@ class Connection:
         """
         if self.sock is None:
             return True
+        if self._native:
+            return _speedups.stale(self._fd)
         if self._recv_now is not None:
             # A peek that keeps the GIL (``poll`` releases it even with a zero
             # timeout): -1 with EAGAIN is the one answer that means "idle".
