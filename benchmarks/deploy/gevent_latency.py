@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/deploy/gevent_latency.py [--seconds 10] [--rounds 3]
 
+Also the threaded site of issue 11 (gunicorn 2 workers x 8 gthreads), against
+pylibmc::
+
+    .venv/bin/python benchmarks/deploy/gevent_latency.py --worker-class gthread \
+        --threads 8 --only djmemcache --only pylibmc
+
 Starts one memcached, then for each backend a gunicorn with gevent workers
 serving tests/deploy_app.py (a view doing get, set on a miss, get_many),
 and drives it with wrk (32 connections, keys spread over 1000 items). The
@@ -39,7 +45,9 @@ from memcached import MemcachedProcess, free_port  # noqa: E402 - tests/ is on t
 BACKENDS = {
     "djmemcache": ("djmemcache.backend.PyMemcacheCache", {"TIMEOUT": 0.5}),
     "django": ("django.core.cache.backends.memcached.PyMemcacheCache", {}),
+    "pylibmc": ("django.core.cache.backends.memcached.PyLibMCCache", {}),
 }
+DEFAULT_BACKENDS = ["djmemcache", "django"]
 
 # Spread requests over 1000 items, as a site's traffic would be.
 WRK_SCRIPT = """
@@ -89,12 +97,12 @@ def _wait_listening(port, proc, timeout=20):
     raise RuntimeError("gunicorn did not listen on %d" % port)
 
 
-def gunicorn(backend, location, options, workers, log, bindir, extra=()):
+def gunicorn(backend, location, options, workers, log, bindir, extra=(), worker_class="gevent"):
     """gunicorn from ``bindir`` (a venv's bin: its djmemcache is the one measured)."""
     port = free_port()
     env = dict(os.environ, DEPLOY_BACKEND=backend, DEPLOY_LOCATION=location,
                DEPLOY_OPTIONS=json.dumps(options), PYTHONPATH=TESTS)
-    command = [os.path.join(bindir, "gunicorn"), "-k", "gevent",
+    command = [os.path.join(bindir, "gunicorn"), "-k", worker_class,
                "-w", str(workers), "-b", "127.0.0.1:%d" % port, "--log-level", "warning",
                *extra, "deploy_app:wsgi"]
     proc = subprocess.Popen(command, env=env, cwd=TESTS, stdout=log, stderr=subprocess.STDOUT)
@@ -127,6 +135,8 @@ def main():
                         help="djmemcache OPTIONS as JSON (default %s)" % json.dumps(BACKENDS["djmemcache"][1]))
     parser.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
     parser.add_argument("--preload", action="store_true", help="gunicorn --preload")
+    parser.add_argument("--worker-class", default="gevent", help="gunicorn -k (default gevent)")
+    parser.add_argument("--threads", type=int, default=None, help="gunicorn --threads (gthread)")
     parser.add_argument("--log", help="write gunicorn's whole log (djmemcache's warnings) here")
     parser.add_argument("--only", choices=sorted(BACKENDS), action="append")
     parser.add_argument("--venv", default=os.path.dirname(os.path.dirname(sys.executable)),
@@ -138,10 +148,12 @@ def main():
     backends = dict(BACKENDS)
     if args.options:
         backends["djmemcache"] = (backends["djmemcache"][0], json.loads(args.options))
-    names = args.only or list(backends)
+    names = args.only or DEFAULT_BACKENDS
     servers = [MemcachedProcess().start() for _ in range(args.servers)]
     location = ",".join(server.location for server in servers)
     extra = ["--preload"] if args.preload else []
+    if args.threads:
+        extra += ["--threads", str(args.threads)]
     try:
         summary = _run(args, names, backends, location, extra)
     finally:
@@ -159,9 +171,9 @@ def _run(args, names, backends, location, extra):
         with open(os.path.join(tmp, "gunicorn.log"), "w+") as log:
             full_log = _rounds(args, names, backends, location, extra, script, log, figures)
     tail = full_log[-3000:]
-    print("\nmedian of %d rounds, gunicorn -k gevent -w %d%s, %d memcached, wrk -c %d -d %ds:"
-          % (args.rounds, args.workers, " --preload" if extra else "", args.servers,
-             args.connections, args.seconds))
+    print("\nmedian of %d rounds, gunicorn -k %s -w %d%s, %d memcached, wrk -c %d -d %ds:"
+          % (args.rounds, args.worker_class, args.workers, "".join(" " + e for e in extra),
+             args.servers, args.connections, args.seconds))
     summary = {}
     for name in names:
         runs = figures[name]
@@ -184,7 +196,8 @@ def _rounds(args, names, backends, location, extra, script, log, figures):
         for name in names:
             backend, options = backends[name]
             proc, port = gunicorn(backend, location, options, args.workers, log,
-                                  os.path.join(os.path.abspath(args.venv), "bin"), extra)
+                                  os.path.join(os.path.abspath(args.venv), "bin"), extra,
+                                  args.worker_class)
             try:
                 wrk(port, 2, args.connections, script)  # warm up: connections, imports
                 result = wrk(port, args.seconds, args.connections, script)
