@@ -72,6 +72,13 @@ typedef struct {
     int in_block;                  /* items[nitems] waits for its data block */
     Py_ssize_t lines_end;          /* lines mode: end of the last complete line */
     Py_ssize_t error_at, error_len;/* F_ERROR_LINE: the line */
+    /* get: the keys asked for (offsets into the command), an open-addressing
+     * table of their indexes, and which have had their value: a VALUE line
+     * for any other key, or a second one, fails the reply at that line. */
+    Py_ssize_t *key_at, *key_len;
+    Py_ssize_t *table;
+    Py_ssize_t mask;
+    char *seen;
     char message[MESSAGE_SIZE];
 } conn_t;
 
@@ -117,6 +124,33 @@ parse_digits(const char *s, Py_ssize_t n, unsigned long long *value, int *big)
     }
     *value = v;
     return 0;
+}
+
+static size_t
+hash_bytes(const char *p, Py_ssize_t n)
+{
+    size_t h = 14695981039346656037ULL;  /* FNV-1a */
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        h = (h ^ (unsigned char)p[i]) * 1099511628211ULL;
+    }
+    return h;
+}
+
+/* Index of the key asked for that equals p[0:n], or -1. */
+static Py_ssize_t
+key_index(conn_t *c, const char *p, Py_ssize_t n)
+{
+    size_t slot = hash_bytes(p, n) & (size_t)c->mask;
+    for (;; slot = (slot + 1) & (size_t)c->mask) {
+        Py_ssize_t k = c->table[slot];
+        if (k < 0) {
+            return -1;
+        }
+        if (c->key_len[k] == n && memcmp(c->out + c->key_at[k], p, (size_t)n) == 0) {
+            return k;
+        }
+    }
 }
 
 /* Parse a get reply from c->pos: VALUE lines and blocks up to END. */
@@ -205,9 +239,22 @@ parse_get(conn_t *c, Py_ssize_t max_value, Py_ssize_t max_line)
                 fail(c, F_PROTOCOL, 0, "malformed VALUE line");
                 return;
             }
-            if (c->nitems >= c->count) {
-                fail(c, F_PROTOCOL, 0, "reply for a key not asked for");
-                return;
+            {
+                Py_ssize_t k = key_index(c, line + sp1 + 1, sp2 - sp1 - 1);
+                if (k < 0 || c->seen[k] || c->nitems >= c->count) {
+                    Py_ssize_t shown = sp2 - sp1 - 1 < 64 ? sp2 - sp1 - 1 : 64;
+                    Py_ssize_t j;
+                    fail(c, F_PROTOCOL, 0, NULL);
+                    snprintf(c->message, MESSAGE_SIZE, "reply for a key not asked for: %.*s",
+                             (int)shown, line + sp1 + 1);
+                    for (j = 0; c->message[j]; j++) {
+                        if ((unsigned char)c->message[j] < 0x20 || (unsigned char)c->message[j] > 0x7e) {
+                            c->message[j] = '?';
+                        }
+                    }
+                    return;
+                }
+                c->seen[k] = 1;
             }
             {
                 item_t *it = &c->items[c->nitems];
@@ -268,7 +315,7 @@ parse_lines(conn_t *c, Py_ssize_t max_line)
     /* resume the search at the last byte seen (a CRLF may straddle two reads) */
     c->pos = c->nitems < c->count ? (c->len > pos ? c->len - 1 : pos) : pos;
     if (c->nitems < c->count) {
-        if (c->len > c->count * max_line) {
+        if ((c->len - 1) / max_line >= c->count) {  /* len > count * max_line, no overflow */
             char message[MESSAGE_SIZE];
             snprintf(message, MESSAGE_SIZE, "reply longer than %zd lines allow", c->count);
             fail(c, F_PROTOCOL, 0, message);
@@ -291,8 +338,18 @@ receive(conn_t *c, int flags, double deadline, double timeout, Py_ssize_t max_va
 {
     ssize_t got;
     if (c->cap - c->len < RECV_CHUNK / 4) {
-        /* Grows with the bytes received, never with a length declared. */
-        Py_ssize_t cap = c->cap ? c->cap * 2 : RECV_CHUNK;
+        /* Grows with the bytes received, never with a length declared: by
+         * half, or to just what a data block still needs when that is at
+         * most twice what has come (the values are copied out at the end,
+         * so the buffer is most of the peak). */
+        Py_ssize_t cap = c->cap ? c->cap + c->cap / 2 : RECV_CHUNK;
+        if (c->in_block) {
+            item_t *it = &c->items[c->nitems];
+            Py_ssize_t need = it->data + it->data_len + 2 + RECV_CHUNK / 4;
+            if (need > c->cap && need <= 2 * c->len) {
+                cap = need;
+            }
+        }
         /* PyMem_Raw*: safe without the GIL, and seen by tracemalloc. */
         char *grown = PyMem_RawRealloc(c->buf, (size_t)cap);
         if (grown == NULL) {
@@ -425,7 +482,7 @@ run(conn_t *conns, Py_ssize_t n, double deadline, double timeout,
                 result = -1;
                 goto out;
             }
-            checked = t;
+            checked = t = now();  /* taking the GIL back, or a handler, took time */
         }
         for (i = 0; i < n; i++) {
             conn_t *c = &conns[i];
@@ -622,7 +679,66 @@ free_conns(conn_t *conns, Py_ssize_t n)
     for (i = 0; i < n; i++) {
         PyMem_RawFree(conns[i].buf);
         PyMem_Free(conns[i].items);
+        PyMem_Free(conns[i].key_at);
+        PyMem_Free(conns[i].key_len);
+        PyMem_Free(conns[i].table);
+        PyMem_Free(conns[i].seen);
     }
+}
+
+/* get: the keys of the command "get <key> <key> ...\r\n", `count` of them. */
+static int
+init_keys(conn_t *c)
+{
+    const char *cmd = c->out;
+    Py_ssize_t end = c->out_len, pos, k = 0, size = 8, i;
+    if (end >= 2 && cmd[end - 2] == '\r' && cmd[end - 1] == '\n') {
+        end -= 2;
+    }
+    pos = 0;
+    while (pos < end && cmd[pos] != ' ') {  /* the command word */
+        pos++;
+    }
+    while (size < 2 * c->count) {
+        size *= 2;
+    }
+    c->items = PyMem_New(item_t, c->count);
+    c->key_at = PyMem_New(Py_ssize_t, c->count);
+    c->key_len = PyMem_New(Py_ssize_t, c->count);
+    c->table = PyMem_New(Py_ssize_t, size);
+    c->seen = PyMem_Calloc((size_t)c->count, 1);
+    if (c->items == NULL || c->key_at == NULL || c->key_len == NULL || c->table == NULL
+            || c->seen == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    c->mask = size - 1;
+    for (i = 0; i < size; i++) {
+        c->table[i] = -1;
+    }
+    while (pos < end) {
+        Py_ssize_t start = ++pos;  /* past the space */
+        size_t slot;
+        while (pos < end && cmd[pos] != ' ') {
+            pos++;
+        }
+        if (k == c->count) {
+            k++;  /* more keys than count: refused below */
+            break;
+        }
+        c->key_at[k] = start;
+        c->key_len[k] = pos - start;
+        slot = hash_bytes(cmd + start, pos - start) & (size_t)c->mask;
+        while (c->table[slot] >= 0) {
+            slot = (slot + 1) & (size_t)c->mask;
+        }
+        c->table[slot] = k++;
+    }
+    if (k != c->count) {
+        PyErr_SetString(PyExc_ValueError, "count is not the number of keys in the get command");
+        return -1;
+    }
+    return 0;
 }
 
 static int
@@ -638,6 +754,10 @@ init_conn(conn_t *c, int fd, PyObject *command, int mode, Py_ssize_t count, int 
         PyErr_SetString(PyExc_ValueError, "bad mode or count");
         return -1;
     }
+    if (mode == MODE_GET && count > size) {  /* a key takes at least a byte */
+        PyErr_SetString(PyExc_ValueError, "count is not the number of keys in the get command");
+        return -1;
+    }
     c->fd = fd;
     c->mode = mode;
     c->blocks = blocks;
@@ -646,11 +766,7 @@ init_conn(conn_t *c, int fd, PyObject *command, int mode, Py_ssize_t count, int 
     c->out_len = size;
     c->state = ST_SENDING;
     if (mode == MODE_GET) {
-        c->items = PyMem_Malloc(sizeof(item_t) * (size_t)count);
-        if (c->items == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
+        return init_keys(c);
     }
     return 0;
 }
@@ -727,7 +843,12 @@ exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
         int fd, mode, blocks;
         Py_ssize_t count;
         PyObject *command;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(seq, i), "iSinp", &fd, &command, &mode,
+        PyObject *request = PyTuple_GET_ITEM(seq, i);
+        if (!PyTuple_Check(request)) {
+            PyErr_SetString(PyExc_TypeError, "a request is a (fd, command, mode, count, blocks) tuple");
+            goto done;
+        }
+        if (!PyArg_ParseTuple(request, "iSinp", &fd, &command, &mode,
                               &count, &blocks)
             || init_conn(&conns[i], fd, command, mode, count, blocks) < 0) {
             goto done;

@@ -271,6 +271,7 @@ class Connection:
         self._green = False
         self._tls = False
         self._native = False  # round trips through _speedups (see connect)
+        self._read_late_for = None  # the deadline of a command read at twice TIMEOUT (_recv)
 
     def deadline(self):
         """When a command started now must be over (None: no TIMEOUT)."""
@@ -427,6 +428,13 @@ class Connection:
         usually arrived while the first was waited for, so a call over
         three servers costs one GIL hand-off instead of six.
         """
+        if deadline is not None and self._read_late_for == deadline:
+            # The last read of this command came at twice TIMEOUT and the
+            # reply was still not whole: whatever the server declares, the
+            # call ends (a flood of lines would otherwise hold it, and the
+            # GIL). A reply that read completes is taken: it was late only
+            # because this process was (as in _speedups).
+            raise IOTimeout("reply still arriving at twice TIMEOUT")
         sock = self.sock
         if self._recv_now is not None:
             while True:
@@ -459,10 +467,7 @@ class Connection:
         if not data:
             raise ConnectionClosed("connection closed by the server")
         if deadline is not None and _monotonic() > deadline + self.timeout:
-            # A reply still arriving at twice TIMEOUT: whatever the server
-            # declares, the call ends (a flood of lines would otherwise hold
-            # it, and the GIL).
-            raise IOTimeout("reply still arriving at twice TIMEOUT")
+            self._read_late_for = deadline
         return data
 
     def _socket_error(self, err):

@@ -221,6 +221,22 @@ def test_a_value_for_another_key_in_a_get_many_is_a_protocol_error(make_cache, f
     _dropped(cache, fake_memcached)
 
 
+@pytest.mark.parametrize("key", [b":1:not-asked", b":1:k0"], ids=["not-asked", "asked-once"])
+def test_a_value_for_a_key_not_asked_is_refused_at_its_line_not_after_the_whole_reply(
+        make_cache, fake_memcached, ignore_exc, key):
+    # 64 keys asked, 64 values of 1 MB answered, all for one key: the reply
+    # fails at the first wrong VALUE line (for a key asked, the second), not
+    # once 64 MB have been read and held.
+    cache = _cache(make_cache, fake_memcached, ignore_exc, TIMEOUT=LONG_TIMEOUT, MAX_VALUE_SIZE=2 * MB)
+    value = b"x" * MB
+    fake_memcached.reply(b"".join(b"VALUE %s 0 %d\r\n%s\r\n" % (key, MB, value) for _ in range(64))
+                         + b"END\r\n")
+    peak = _peak_memory(lambda: _sees(lambda: cache.get_many(["k%d" % i for i in range(64)]),
+                                      ignore_exc, {}))
+    assert peak < 8 * MB
+    _dropped(cache, fake_memcached)
+
+
 @pytest.mark.parametrize("command, reply", [("get", b"END\r\n"), ("set", b"STORED\r\n")])
 def test_data_after_a_reply_in_a_later_packet_is_never_read_as_the_next_reply(make_cache, fake_memcached,
                                                                               command, reply):

@@ -261,3 +261,21 @@ def test_a_signal_another_thread_receives_runs_its_handler_while_the_main_thread
         sender.cancel()
     assert time.monotonic() - started < 2.0
     assert cache.stats()[0]["in_use"] == 0
+
+
+def test_a_count_that_does_not_match_the_command_is_refused_before_anything_is_sent(native_only):
+    """``count`` sizes the table of keys: a count the command cannot hold
+    (once large enough to wrap the allocation) is a ValueError, as is a
+    request that is not a tuple."""
+    speedups = connection._speedups
+    for count in (2, 2**58 + 1, 2**62):
+        with pytest.raises(ValueError):
+            speedups.exchange(-1, b"get k\r\n", connection._GET, count, False, None, None,
+                              2**20, connection.MAX_LINE, 0.05)
+    with pytest.raises(TypeError):
+        speedups.exchange_many([[-1, b"get k\r\n", connection._GET, 1, False]], None, None,
+                               2**20, connection.MAX_LINE, 0.05)
+    # A huge line count is only a wait (here: a closed fd, at once).
+    outcome = speedups.exchange(-1, b"touch k 0\r\n", connection._LINES, 2**62, False, None,
+                                None, 2**20, connection.MAX_LINE, 0.05)
+    assert outcome[0] == speedups.F_ERRNO
