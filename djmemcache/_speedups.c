@@ -44,6 +44,7 @@ enum { ST_SENDING, ST_READING, ST_DONE, ST_FAILED };
 enum { F_ERRNO = 1, F_CLOSED, F_TIMEOUT, F_LATE, F_PROTOCOL, F_ERROR_LINE, F_NOMEM };
 
 #define RECV_CHUNK 65536
+#define SMALL 4
 /* The longest wait between two looks for signals (BLOCKING_READ_SLICE in
  * connection.py, which sets the sockets' SO_RCVTIMEO to it). */
 #define SLICE 0.040
@@ -79,6 +80,11 @@ typedef struct {
     Py_ssize_t *table;
     Py_ssize_t mask;
     char *seen;
+    /* The same for a get of up to SMALL keys (most calls), without an
+     * allocation each. */
+    item_t small_items[SMALL];
+    Py_ssize_t small_key_at[SMALL], small_key_len[SMALL], small_table[2 * SMALL];
+    char small_seen[SMALL];
     char message[MESSAGE_SIZE];
 } conn_t;
 
@@ -677,12 +683,15 @@ free_conns(conn_t *conns, Py_ssize_t n)
 {
     Py_ssize_t i;
     for (i = 0; i < n; i++) {
-        PyMem_RawFree(conns[i].buf);
-        PyMem_Free(conns[i].items);
-        PyMem_Free(conns[i].key_at);
-        PyMem_Free(conns[i].key_len);
-        PyMem_Free(conns[i].table);
-        PyMem_Free(conns[i].seen);
+        conn_t *c = &conns[i];
+        PyMem_RawFree(c->buf);
+        if (c->items != c->small_items) {
+            PyMem_Free(c->items);
+            PyMem_Free(c->key_at);
+            PyMem_Free(c->key_len);
+            PyMem_Free(c->table);
+            PyMem_Free(c->seen);
+        }
     }
 }
 
@@ -699,18 +708,29 @@ init_keys(conn_t *c)
     while (pos < end && cmd[pos] != ' ') {  /* the command word */
         pos++;
     }
-    while (size < 2 * c->count) {
-        size *= 2;
+    if (c->count <= SMALL) {
+        size = 2 * SMALL;
+        c->items = c->small_items;
+        c->key_at = c->small_key_at;
+        c->key_len = c->small_key_len;
+        c->table = c->small_table;
+        c->seen = c->small_seen;
+        memset(c->seen, 0, SMALL);
     }
-    c->items = PyMem_New(item_t, c->count);
-    c->key_at = PyMem_New(Py_ssize_t, c->count);
-    c->key_len = PyMem_New(Py_ssize_t, c->count);
-    c->table = PyMem_New(Py_ssize_t, size);
-    c->seen = PyMem_Calloc((size_t)c->count, 1);
-    if (c->items == NULL || c->key_at == NULL || c->key_len == NULL || c->table == NULL
-            || c->seen == NULL) {
-        PyErr_NoMemory();
-        return -1;
+    else {
+        while (size < 2 * c->count) {
+            size *= 2;
+        }
+        c->items = PyMem_New(item_t, c->count);
+        c->key_at = PyMem_New(Py_ssize_t, c->count);
+        c->key_len = PyMem_New(Py_ssize_t, c->count);
+        c->table = PyMem_New(Py_ssize_t, size);
+        c->seen = PyMem_Calloc((size_t)c->count, 1);
+        if (c->items == NULL || c->key_at == NULL || c->key_len == NULL || c->table == NULL
+                || c->seen == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
     }
     c->mask = size - 1;
     for (i = 0; i < size; i++) {
