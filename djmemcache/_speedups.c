@@ -669,6 +669,17 @@ outcome(conn_t *c)
     return list;
 }
 
+/* max_value and max_line as the parsers need them (max_line divides). */
+static int
+check_limits(Py_ssize_t max_value, Py_ssize_t max_line)
+{
+    if (max_value < 0 || max_line < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_value must be >= 0 and max_line >= 1");
+        return -1;
+    }
+    return 0;
+}
+
 static double
 deadline_arg(PyObject *o)
 {
@@ -810,7 +821,7 @@ exchange(PyObject *Py_UNUSED(self), PyObject *args)
     }
     deadline = deadline_arg(deadline_o);
     timeout = deadline_arg(timeout_o);
-    if (PyErr_Occurred()) {
+    if (PyErr_Occurred() || check_limits(max_value, max_line) < 0) {
         return NULL;
     }
     if (init_conn(&conn, fd, command, mode, count, blocks) < 0) {
@@ -844,7 +855,7 @@ exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
     }
     deadline = deadline_arg(deadline_o);
     timeout = deadline_arg(timeout_o);
-    if (PyErr_Occurred()) {
+    if (PyErr_Occurred() || check_limits(max_value, max_line) < 0) {
         return NULL;
     }
     /* A tuple of its own: the caller's list may change while the GIL is

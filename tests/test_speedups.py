@@ -275,6 +275,12 @@ def test_a_count_that_does_not_match_the_command_is_refused_before_anything_is_s
     with pytest.raises(TypeError):
         speedups.exchange_many([[-1, b"get k\r\n", connection._GET, 1, False]], None, None,
                                2**20, connection.MAX_LINE, 0.05)
+    for max_value, max_line in ((2**20, 0), (-1, 4096)):  # max_line divides
+        with pytest.raises(ValueError):
+            speedups.exchange(-1, b"touch k 0\r\n", connection._LINES, 1, False, None, None,
+                              max_value, max_line, 0.05)
+        with pytest.raises(ValueError):
+            speedups.exchange_many([], None, None, max_value, max_line, 0.05)
     # A huge line count is only a wait (here: a closed fd, at once).
     outcome = speedups.exchange(-1, b"touch k 0\r\n", connection._LINES, 2**62, False, None,
                                 None, 2**20, connection.MAX_LINE, 0.05)
