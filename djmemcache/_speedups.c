@@ -828,11 +828,10 @@ exchange(PyObject *Py_UNUSED(self), PyObject *args)
         free_conns(&conn, 1);
         return NULL;
     }
-    Py_INCREF(command); /* kept alive while its bytes are sent without the GIL */
+    /* `args` keeps the command's bytes alive while they are sent without the GIL. */
     if (run(&conn, 1, deadline, timeout, max_value, max_line, min_blocking) == 0) {
         result = outcome(&conn);
     }
-    Py_DECREF(command);
     free_conns(&conn, 1);
     return result;
 }

@@ -534,6 +534,17 @@ class Connection:
             _wait(self.sock, select.POLLIN, deadline, False, self._poller)
         return self._recv(deadline)
 
+    def _exchange(self, command, mode, deadline):
+        """Send ``command`` and read its reply of one item (``_GET``: a value
+        or none) or one line (``_LINES``) in one ``_speedups`` call; raise
+        its failure as the Python path would."""
+        outcome = _speedups.exchange(self._fd, command, mode, 1, self._first_read_blocks, deadline,
+                                     self.timeout, self.max_value_size, MAX_LINE,
+                                     BLOCKING_READ_MIN_TIMEOUT)
+        if type(outcome) is not list:
+            raise _native_failure(self, outcome)
+        return outcome
+
     def _read_line(self, deadline):
         """One reply line, without its CRLF."""
         buf = self._buf
@@ -587,11 +598,7 @@ class Connection:
         wire = self.key_prefix + key.encode("utf-8")
         deadline = self.deadline()
         if self._native:
-            found = _speedups.exchange(self._fd, b"get " + wire + b"\r\n", _GET, 1, self._first_read_blocks,
-                                       deadline, self.timeout, self.max_value_size, MAX_LINE,
-                                       BLOCKING_READ_MIN_TIMEOUT)
-            if type(found) is not list:
-                raise _native_failure(self, found)
+            found = self._exchange(b"get " + wire + b"\r\n", _GET, deadline)
             if not found:
                 self.misses += 1
                 return None
@@ -760,12 +767,8 @@ class Connection:
         request = b"%s %s %d %d %d\r\n%s\r\n" % (
             command, self.key_prefix + key.encode("utf-8"), flags, expire, len(data), data)
         if self._native:
-            lines = _speedups.exchange(self._fd, request, _LINES, 1, self._first_read_blocks, deadline,
-                                       self.timeout, self.max_value_size, MAX_LINE,
-                                       BLOCKING_READ_MIN_TIMEOUT)
-            if type(lines) is not list:
-                raise _native_failure(self, lines)
-            return None if lines[0] == b"STORED" else _store_outcome(lines[0])
+            (line,) = self._exchange(request, _LINES, deadline)
+            return None if line == b"STORED" else _store_outcome(line)
         self._send(request, deadline)
         line = self._recv_first(deadline)
         if line == b"STORED\r\n":
@@ -827,12 +830,8 @@ class Connection:
     def _one_line(self, command):
         deadline = self.deadline()
         if self._native:
-            lines = _speedups.exchange(self._fd, command, _LINES, 1, self._first_read_blocks, deadline,
-                                       self.timeout, self.max_value_size, MAX_LINE,
-                                       BLOCKING_READ_MIN_TIMEOUT)
-            if type(lines) is not list:
-                raise _native_failure(self, lines)
-            return lines[0]
+            (line,) = self._exchange(command, _LINES, deadline)
+            return line
         self._send(command, deadline)
         (line,) = self._read_lines(1, deadline)
         return line
