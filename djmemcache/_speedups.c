@@ -26,6 +26,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdint.h>
 #include <math.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -59,6 +60,7 @@ typedef struct {
     unsigned long long flags;
     Py_ssize_t flags_at, flags_len; /* the digits, when they overflow 64 bits */
     int flags_big;
+    Py_ssize_t index;               /* which key asked for */
 } item_t;
 
 typedef struct {
@@ -86,6 +88,10 @@ typedef struct {
     Py_ssize_t small_key_at[SMALL], small_key_len[SMALL], small_table[2 * SMALL];
     char small_seen[SMALL];
     char message[MESSAGE_SIZE];
+    /* A get built from the caller's keys (init_get_keys): the keys, in the
+     * order of the command, and the command, which is ours to free. */
+    PyObject *keys;
+    char *own_out;
 } conn_t;
 
 static double
@@ -261,6 +267,7 @@ parse_get(conn_t *c, Py_ssize_t max_value, Py_ssize_t max_line)
                     return;
                 }
                 c->seen[k] = 1;
+                c->items[c->nitems].index = k;
             }
             {
                 item_t *it = &c->items[c->nitems];
@@ -609,10 +616,38 @@ flags_object(conn_t *c, item_t *it)
     }
 }
 
-/* What Python gets for one connection: a list on success (get: (wire, flags,
- * data) tuples; lines: the lines), else a (kind, errno, detail) tuple. */
+/* The values of a get of the caller's keys (init_get_keys), as
+ * key: (data, flags) in `into`; returns how many. */
 static PyObject *
-outcome(conn_t *c)
+found_values(conn_t *c, PyObject *into)
+{
+    Py_ssize_t i;
+    for (i = 0; i < c->nitems; i++) {
+        item_t *it = &c->items[i];
+        PyObject *flags = flags_object(c, it);
+        PyObject *value;
+        int failed;
+        if (flags == NULL) {
+            return NULL;
+        }
+        value = Py_BuildValue("(y#N)", c->buf + it->data, it->data_len, flags);
+        if (value == NULL) {
+            return NULL;
+        }
+        failed = PyDict_SetItem(into, PyList_GET_ITEM(c->keys, it->index), value);
+        Py_DECREF(value);
+        if (failed < 0) {
+            return NULL;
+        }
+    }
+    return PyLong_FromSsize_t(c->nitems);
+}
+
+/* What Python gets for one connection: on success, a list (get: (wire,
+ * flags, data) tuples; lines: the lines), or for a get of the caller's keys
+ * the number of values put in `into`; else a (kind, errno, detail) tuple. */
+static PyObject *
+outcome(conn_t *c, PyObject *into)
 {
     Py_ssize_t i;
     PyObject *list;
@@ -621,6 +656,9 @@ outcome(conn_t *c)
             return Py_BuildValue("(iiy#)", c->failure, 0, c->buf + c->error_at, c->error_len);
         }
         return Py_BuildValue("(iis)", c->failure, c->err, c->message);
+    }
+    if (c->keys != NULL) {
+        return found_values(c, into);
     }
     list = PyList_New(c->nitems);
     if (list == NULL) {
@@ -696,6 +734,8 @@ free_conns(conn_t *conns, Py_ssize_t n)
     for (i = 0; i < n; i++) {
         conn_t *c = &conns[i];
         PyMem_RawFree(c->buf);
+        PyMem_Free(c->own_out);
+        Py_XDECREF(c->keys);
         if (c->items != c->small_items) {
             PyMem_Free(c->items);
             PyMem_Free(c->key_at);
@@ -706,19 +746,11 @@ free_conns(conn_t *conns, Py_ssize_t n)
     }
 }
 
-/* get: the keys of the command "get <key> <key> ...\r\n", `count` of them. */
+/* Room for c->count keys and their items, and an empty key table. */
 static int
-init_keys(conn_t *c)
+alloc_keys(conn_t *c)
 {
-    const char *cmd = c->out;
-    Py_ssize_t end = c->out_len, pos, k = 0, size = 8, i;
-    if (end >= 2 && cmd[end - 2] == '\r' && cmd[end - 1] == '\n') {
-        end -= 2;
-    }
-    pos = 0;
-    while (pos < end && cmd[pos] != ' ') {  /* the command word */
-        pos++;
-    }
+    Py_ssize_t size = 8, i;
     if (c->count <= SMALL) {
         size = 2 * SMALL;
         c->items = c->small_items;
@@ -746,6 +778,25 @@ init_keys(conn_t *c)
     c->mask = size - 1;
     for (i = 0; i < size; i++) {
         c->table[i] = -1;
+    }
+    return 0;
+}
+
+/* get: the keys of the command "get <key> <key> ...\r\n", `count` of them. */
+static int
+init_keys(conn_t *c)
+{
+    const char *cmd = c->out;
+    Py_ssize_t end = c->out_len, pos, k = 0;
+    if (end >= 2 && cmd[end - 2] == '\r' && cmd[end - 1] == '\n') {
+        end -= 2;
+    }
+    pos = 0;
+    while (pos < end && cmd[pos] != ' ') {  /* the command word */
+        pos++;
+    }
+    if (alloc_keys(c) < 0) {
+        return -1;
     }
     while (pos < end) {
         Py_ssize_t start = ++pos;  /* past the space */
@@ -802,6 +853,108 @@ init_conn(conn_t *c, int fd, PyObject *command, int mode, Py_ssize_t count, int 
     return 0;
 }
 
+/* A get of the caller's keys (str), each once: "get <prefix><key> ...\r\n"
+ * is built here, and the outcome maps values back to these keys, which
+ * saves Python a pass over the keys before the call and one after it. A
+ * key given twice is asked for once (memcached would answer it twice). */
+static int
+init_get_keys(conn_t *c, int fd, PyObject *prefix, PyObject *keys, int blocks)
+{
+    char *pre, *out;
+    Py_ssize_t pre_len, n, i, cap, len, k = 0;
+    memset(c, 0, sizeof(*c));
+    if (PyBytes_AsStringAndSize(prefix, &pre, &pre_len) < 0) {
+        return -1;
+    }
+    if (!PyList_Check(keys) && !PyTuple_Check(keys)) {
+        PyErr_SetString(PyExc_TypeError, "keys must be a list or tuple of str");
+        return -1;
+    }
+    n = PySequence_Fast_GET_SIZE(keys);
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "a get asks for at least one key");
+        return -1;
+    }
+    c->keys = PyList_New(0);
+    if (c->keys == NULL) {
+        return -1;
+    }
+    c->fd = fd;
+    c->mode = MODE_GET;
+    c->blocks = blocks;
+    c->count = n;
+    c->state = ST_SENDING;
+    if (alloc_keys(c) < 0) {
+        return -1;
+    }
+    cap = 5 + n * (pre_len + 24);
+    out = c->own_out = PyMem_Malloc((size_t)cap);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(out, "get", 3);
+    len = 3;
+    for (i = 0; i < n; i++) {
+        /* Read with the GIL held: the list may not change meanwhile. */
+        PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
+        const char *text;
+        Py_ssize_t text_len, start, key_len, need;
+        size_t slot;
+        int dup = 0;
+        if (!PyUnicode_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "keys must be str");
+            return -1;
+        }
+        text = PyUnicode_AsUTF8AndSize(key, &text_len);
+        if (text == NULL) {
+            return -1;
+        }
+        need = len + 1 + pre_len + text_len + 2;
+        if (need > cap) {
+            char *grown;
+            cap = need * 2;
+            grown = PyMem_Realloc(out, (size_t)cap);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            out = c->own_out = grown;
+        }
+        out[len++] = ' ';
+        start = len;
+        memcpy(out + len, pre, (size_t)pre_len);
+        memcpy(out + len + pre_len, text, (size_t)text_len);
+        key_len = pre_len + text_len;
+        slot = hash_bytes(out + start, key_len) & (size_t)c->mask;
+        for (; c->table[slot] >= 0; slot = (slot + 1) & (size_t)c->mask) {
+            Py_ssize_t other = c->table[slot];
+            if (c->key_len[other] == key_len
+                    && memcmp(out + c->key_at[other], out + start, (size_t)key_len) == 0) {
+                dup = 1;
+                break;
+            }
+        }
+        if (dup) {
+            len = start - 1;
+            continue;
+        }
+        if (PyList_Append(c->keys, key) < 0) {
+            return -1;
+        }
+        c->key_at[k] = start;
+        c->key_len[k] = key_len;
+        c->table[slot] = k++;
+        len += key_len;
+    }
+    out[len++] = '\r';
+    out[len++] = '\n';
+    c->count = k;
+    c->out = out;
+    c->out_len = len;
+    return 0;
+}
+
 PyDoc_STRVAR(exchange_doc,
 "exchange(fd, command, mode, count, blocks, deadline, timeout, max_value, max_line, min_blocking)\n\n"
 "Send ``command`` on ``fd`` and read its whole reply with the GIL released.\n"
@@ -830,26 +983,28 @@ exchange(PyObject *Py_UNUSED(self), PyObject *args)
     }
     /* `args` keeps the command's bytes alive while they are sent without the GIL. */
     if (run(&conn, 1, deadline, timeout, max_value, max_line, min_blocking) == 0) {
-        result = outcome(&conn);
+        result = outcome(&conn, NULL);
     }
     free_conns(&conn, 1);
     return result;
 }
 
 PyDoc_STRVAR(exchange_many_doc,
-"exchange_many(requests, deadline, timeout, max_value, max_line, min_blocking)\n\n"
-"``requests``: a list of (fd, command, mode, count, blocks); every command is sent,\n"
-"then every reply read, in one release of the GIL. One outcome per request.");
+"exchange_many(requests, deadline, timeout, max_value, max_line, min_blocking, into=None)\n\n"
+"``requests``: a list of (fd, command, mode, count, blocks), or (fd, prefix, keys,\n"
+"blocks) for a get of ``keys`` (str) whose values go into the dict ``into``;\n"
+"every command is sent, then every reply read, in one release of the GIL.\n"
+"One outcome per request.");
 
 static PyObject *
 exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    PyObject *requests, *deadline_o, *timeout_o, *seq, *result = NULL;
+    PyObject *requests, *deadline_o, *timeout_o, *seq, *result = NULL, *into = Py_None;
     Py_ssize_t n, i, max_value, max_line;
     double deadline, timeout, min_blocking;
     conn_t *conns;
-    if (!PyArg_ParseTuple(args, "OOOnnd", &requests, &deadline_o, &timeout_o, &max_value,
-                          &max_line, &min_blocking)) {
+    if (!PyArg_ParseTuple(args, "OOOnnd|O", &requests, &deadline_o, &timeout_o, &max_value,
+                          &max_line, &min_blocking, &into)) {
         return NULL;
     }
     deadline = deadline_arg(deadline_o);
@@ -878,6 +1033,18 @@ exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
             PyErr_SetString(PyExc_TypeError, "a request is a (fd, command, mode, count, blocks) tuple");
             goto done;
         }
+        if (PyTuple_GET_SIZE(request) == 4) {
+            PyObject *prefix, *keys;
+            if (!PyDict_CheckExact(into)) {
+                PyErr_SetString(PyExc_TypeError, "a get of keys needs a dict to put the values in");
+                goto done;
+            }
+            if (!PyArg_ParseTuple(request, "iSOp", &fd, &prefix, &keys, &blocks)
+                || init_get_keys(&conns[i], fd, prefix, keys, blocks) < 0) {
+                goto done;
+            }
+            continue;
+        }
         if (!PyArg_ParseTuple(request, "iSinp", &fd, &command, &mode,
                               &count, &blocks)
             || init_conn(&conns[i], fd, command, mode, count, blocks) < 0) {
@@ -893,7 +1060,7 @@ exchange_many(PyObject *Py_UNUSED(self), PyObject *args)
         goto done;
     }
     for (i = 0; i < n; i++) {
-        PyObject *one = outcome(&conns[i]);
+        PyObject *one = outcome(&conns[i], into);
         if (one == NULL) {
             Py_CLEAR(result);
             goto done;
@@ -932,10 +1099,220 @@ stale(PyObject *Py_UNUSED(self), PyObject *arg)
     return PyBool_FromLong(got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK));
 }
 
+/* -- Placement: pymemcache's RendezvousHash, as servers.Rendezvous computes it --
+ *
+ * Each live server's score for a key is murmur3_32 (x86, seed 0) of
+ * "<node>-<key>"; the highest wins, ties going to the server listed first
+ * in `scored` (servers.py orders them by its tie-break). The key's bytes are
+ * its characters' code points & 0xFF, as pymemcache's pure-Python murmur3
+ * reads them (servers._hash_key_bytes). In C because a multi-key call
+ * places every key: one Python loop body per key per server, where this is
+ * a few nanoseconds. */
+
+static uint32_t
+rotl32(uint32_t x, int r)
+{
+    return (x << r) | (x >> (32 - r));
+}
+
+static uint32_t
+murmur3_32(const unsigned char *data, Py_ssize_t len)
+{
+    const uint32_t c1 = 0xcc9e2d51, c2 = 0x1b873593;
+    uint32_t h = 0, k;
+    Py_ssize_t i, blocks = len / 4;
+    for (i = 0; i < blocks; i++) {
+        const unsigned char *b = data + 4 * i;
+        k = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+        k *= c1;
+        k = rotl32(k, 15);
+        k *= c2;
+        h ^= k;
+        h = rotl32(h, 13);
+        h = h * 5 + 0xe6546b64;
+    }
+    k = 0;
+    switch (len & 3) {
+    case 3:
+        k ^= (uint32_t)data[4 * blocks + 2] << 16;
+        /* fall through */
+    case 2:
+        k ^= (uint32_t)data[4 * blocks + 1] << 8;
+        /* fall through */
+    case 1:
+        k ^= (uint32_t)data[4 * blocks];
+        k *= c1;
+        k = rotl32(k, 15);
+        k *= c2;
+        h ^= k;
+    }
+    h ^= (uint32_t)len;
+    h ^= h >> 16;
+    h *= 0x85ebca6b;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35;
+    h ^= h >> 16;
+    return h;
+}
+
+#define PLACE_STACK 512
+
+/* The index object of the winning entry of `scored` (a tuple of (prefix,
+ * index) tuples, checked by the caller) for `key`; borrowed, or NULL with
+ * an exception set. */
+static PyObject *
+place_one(PyObject *key, PyObject *scored, unsigned char *stack)
+{
+    Py_ssize_t key_len, n = PyTuple_GET_SIZE(scored), i, most = 0;
+    unsigned char *buf = stack;
+    PyObject *best = NULL;
+    uint32_t best_score = 0;
+    if (!PyUnicode_Check(key)) {
+        PyErr_SetString(PyExc_TypeError, "keys must be str");
+        return NULL;
+    }
+    key_len = PyUnicode_GET_LENGTH(key);
+    for (i = 0; i < n; i++) {
+        Py_ssize_t len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(scored, i), 0));
+        if (len > most) {
+            most = len;
+        }
+    }
+    if (most + key_len > PLACE_STACK) {
+        buf = PyMem_Malloc((size_t)(most + key_len));
+        if (buf == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(scored, i);
+        PyObject *prefix = PyTuple_GET_ITEM(entry, 0);
+        Py_ssize_t pre_len = PyBytes_GET_SIZE(prefix), j;
+        uint32_t score;
+        /* The key goes right after this prefix (prefixes differ in length). */
+        memcpy(buf, PyBytes_AS_STRING(prefix), (size_t)pre_len);
+        if (PyUnicode_IS_ASCII(key)) {
+            memcpy(buf + pre_len, PyUnicode_DATA(key), (size_t)key_len);
+        }
+        else {
+            int kind = PyUnicode_KIND(key);
+            const void *data = PyUnicode_DATA(key);
+            for (j = 0; j < key_len; j++) {
+                buf[pre_len + j] = (unsigned char)(PyUnicode_READ(kind, data, j) & 0xFF);
+            }
+        }
+        score = murmur3_32(buf, pre_len + key_len);
+        if (best == NULL || score > best_score) {
+            best = PyTuple_GET_ITEM(entry, 1);
+            best_score = score;
+        }
+    }
+    if (buf != stack) {
+        PyMem_Free(buf);
+    }
+    return best;
+}
+
+/* `scored` as a tuple of (bytes, object) pairs, at least one; new reference. */
+static PyObject *
+scored_arg(PyObject *scored)
+{
+    Py_ssize_t i;
+    if (!PyTuple_Check(scored) || PyTuple_GET_SIZE(scored) < 1) {
+        PyErr_SetString(PyExc_TypeError, "scored must be a non-empty tuple of (prefix, index) pairs");
+        return NULL;
+    }
+    for (i = 0; i < PyTuple_GET_SIZE(scored); i++) {
+        PyObject *entry = PyTuple_GET_ITEM(scored, i);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2
+                || !PyBytes_Check(PyTuple_GET_ITEM(entry, 0))) {
+            PyErr_SetString(PyExc_TypeError, "scored must be a non-empty tuple of (prefix, index) pairs");
+            return NULL;
+        }
+    }
+    Py_INCREF(scored);
+    return scored;
+}
+
+PyDoc_STRVAR(choose_doc,
+"choose(key, scored)\n\n"
+"The index of the server ``key`` goes to: ``scored`` is a tuple of\n"
+"(b\"<node>-\", index) pairs in tie-break order (servers.Rendezvous).");
+
+static PyObject *
+choose(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *key, *scored, *best;
+    unsigned char stack[PLACE_STACK];
+    if (!PyArg_ParseTuple(args, "OO", &key, &scored) || (scored = scored_arg(scored)) == NULL) {
+        return NULL;
+    }
+    best = place_one(key, scored, stack);
+    Py_XINCREF(best);
+    Py_DECREF(scored);
+    return best;
+}
+
+PyDoc_STRVAR(group_doc,
+"group(keys, scored)\n\n"
+"``{index: [keys]}``: ``choose`` for every key, the keys in their order.");
+
+static PyObject *
+group(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *keys, *scored, *seq, *groups;
+    Py_ssize_t i;
+    unsigned char stack[PLACE_STACK];
+    if (!PyArg_ParseTuple(args, "OO", &keys, &scored) || (scored = scored_arg(scored)) == NULL) {
+        return NULL;
+    }
+    seq = PySequence_Fast(keys, "keys must be a sequence");
+    groups = seq == NULL ? NULL : PyDict_New();
+    if (groups == NULL) {
+        Py_XDECREF(seq);
+        Py_DECREF(scored);
+        return NULL;
+    }
+    for (i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *index = place_one(key, scored, stack);
+        PyObject *members;
+        if (index == NULL) {
+            goto fail;
+        }
+        members = PyDict_GetItemWithError(groups, index);
+        if (members == NULL) {
+            if (PyErr_Occurred()) {
+                goto fail;
+            }
+            members = PyList_New(0);
+            if (members == NULL || PyDict_SetItem(groups, index, members) < 0) {
+                Py_XDECREF(members);
+                goto fail;
+            }
+            Py_DECREF(members);  /* the dict holds it */
+        }
+        if (PyList_Append(members, key) < 0) {
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    Py_DECREF(scored);
+    return groups;
+fail:
+    Py_DECREF(groups);
+    Py_DECREF(seq);
+    Py_DECREF(scored);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"stale", stale, METH_O, stale_doc},
     {"exchange", exchange, METH_VARARGS, exchange_doc},
     {"exchange_many", exchange_many, METH_VARARGS, exchange_many_doc},
+    {"choose", choose, METH_VARARGS, choose_doc},
+    {"group", group, METH_VARARGS, group_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -17,6 +17,7 @@ from django.core.cache.backends.base import (
     DEFAULT_TIMEOUT,
     BaseCache,
     InvalidCacheKey,
+    default_key_func,
     memcache_key_warnings,
 )
 from django.core.cache.backends.memcached import BaseMemcachedCache
@@ -171,15 +172,42 @@ class PyMemcacheCache(BaseMemcachedCache):
 
     def make_and_validate_key(self, key, version=None):
         # Django's make_key and validate_key, in one call for the hot path
-        # (unless a subclass customises make_key).
+        # (unless a subclass customises make_key); Django's default_key_func
+        # inlined.
         if self._plain_make_key:
-            key = self.key_func(key, self.key_prefix, self.version if version is None else version)
+            key_func = self.key_func
+            if key_func is default_key_func:
+                key = "%s:%s:%s" % (self.key_prefix, self.version if version is None else version, key)
+            else:
+                key = key_func(key, self.key_prefix, self.version if version is None else version)
         else:
             key = self.make_key(key, version=version)
         if _BAD_KEY_CHAR.search(key) is None and key.isascii() and len(key) <= self._max_key_bytes:
             return key
         self.validate_key(key)
         return key
+
+    def _made_keys(self, keys, version):
+        """``{made key: key}`` for a batch: ``make_and_validate_key`` of each
+        key, with the keys of the batch checked in one pass, not one each."""
+        if self._plain_make_key and self.key_func is default_key_func:
+            head = "%s:%s:" % (self.key_prefix, self.version if version is None else version)
+            key_map = {head + key if type(key) is str else "%s%s" % (head, key): key for key in keys}
+        elif self._plain_make_key:
+            key_func, prefix = self.key_func, self.key_prefix
+            version = self.version if version is None else version
+            key_map = {key_func(key, prefix, version): key for key in keys}
+        else:
+            key_map = {self.make_key(key, version=version): key for key in keys}
+        if not key_map:
+            return key_map
+        joined = "".join(key_map)
+        if (_BAD_KEY_CHAR.search(joined) is None and joined.isascii()
+                and max(map(len, key_map)) <= self._max_key_bytes):
+            return key_map
+        for key in key_map:
+            self.validate_key(key)  # raises for the first bad key
+        return key_map
 
     def get(self, key, default=None, version=None):
         key = self.make_and_validate_key(key, version=version)
@@ -203,7 +231,7 @@ class PyMemcacheCache(BaseMemcachedCache):
         return guard.get_or_set(key, default, timeout, self.get_backend_timeout)
 
     def get_many(self, keys, version=None):
-        key_map = {self.make_and_validate_key(key, version=version): key for key in keys}
+        key_map = self._made_keys(keys, version)
         found = self.client.get_many(list(key_map))
         return {key_map[k]: v for k, v in found.items()}
 

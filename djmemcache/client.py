@@ -239,7 +239,7 @@ class Client:
             return self._call(index, command, method, *args, anywhere=anywhere)
         raise self._server_failed(index, command, exc, kind) from exc
 
-    def _pipeline(self, command, batches, send, read, retry, native=None):
+    def _pipeline(self, command, batches, send, read, retry, native=None, into=None):
         """Run a multi-key command on several servers at once.
 
         Every server is sent its batch before any reply is read, so the
@@ -251,19 +251,20 @@ class Client:
 
         ``native``: ``(request, outcome)`` methods for connections that run
         through ``_speedups``; their commands are sent and replies read in
-        one C call (one GIL release for every server) before the others'
-        replies are read, and ``outcome`` raises a server's failure as
-        ``read`` would.
+        one C call (one GIL release for every server, values put in
+        ``into``) before the others' replies are read, and ``outcome``
+        raises a server's failure as ``read`` would.
         """
         anywhere = self._random
         timeout = self.options.timeout
         deadline = None
         results = []
         held = []  # [index, conn, batch, token] whose reply is still to be read
+        natives = 0
         try:
             # Taking connections in server order: with bounded pools, two callers
             # taking them in opposite orders could each wait for the other forever.
-            for index, batch in sorted(batches.items(), key=_first):
+            for index, batch in sorted(batches.items()) if len(batches) > 1 else batches.items():
                 try:
                     index, conn = self._acquire(index, anywhere)
                 except DjmemcacheError as exc:
@@ -271,32 +272,39 @@ class Client:
                     continue
                 entry = [index, conn, batch, None]
                 held.append(entry)
+                if native is not None and conn._native:
+                    entry[3] = native[0](conn, batch)  # no I/O yet: see below
+                    natives += 1
+                    continue
                 if timeout is not None:
                     # TIMEOUT runs from when a connection is in hand: a wait for a
                     # pool slot (POOL_TIMEOUT bounds that) must not use it up and
                     # get a healthy server blacklisted for a timeout it never had.
-                    deadline = max(deadline or 0.0, time.monotonic() + timeout)
-                if native is not None and conn._native:
-                    entry[3] = native[0](conn, batch)  # no I/O yet: see below
-                    continue
+                    deadline = time.monotonic() + timeout
                 try:
                     entry[3] = send(conn, batch, deadline)
                 except BaseException as exc:
                     results.append((batch, self._settle(index, conn, command, exc, retry, send, read, batch)))
                     held.pop()
-            if native is not None:
-                requests = [entry[3] for entry in held if entry[1]._native]
-                if requests:
-                    outcomes = iter(exchange_many(
-                        [request for request, _ in requests], deadline, timeout, self.max_value_size))
+            if natives:
+                if timeout is not None:
+                    deadline = time.monotonic() + timeout  # the latest: nothing of theirs is sent yet
+                if natives == len(held):
+                    outcomes = exchange_many([entry[3] for entry in held], deadline, timeout,
+                                             self.max_value_size, into)
+                    for entry, outcome in zip(held, outcomes, strict=True):
+                        entry[3] = outcome
+                else:
+                    outcomes = iter(exchange_many([entry[3] for entry in held if entry[1]._native],
+                                                  deadline, timeout, self.max_value_size, into))
                     for entry in held:
                         if entry[1]._native:
-                            entry[3] = (entry[3][1], next(outcomes))
+                            entry[3] = next(outcomes)
             while held:
                 index, conn, batch, token = held[0]
                 try:
                     if native is not None and conn._native:
-                        outcome = native[1](conn, token[1], token[0])
+                        outcome = native[1](conn, token, batch)
                     else:
                         outcome = read(conn, token, deadline)
                 except BaseException as exc:
@@ -427,15 +435,15 @@ class Client:
             groups = self._group(keys)
         except DjmemcacheError as exc:
             return self._failed(exc, "get_many", found)
-        raw = {}
+        raw = {}  # the C path puts its values here; the Python path returns dicts
         for _batch, outcome in self._pipeline(
             "get", groups, Connection.send_get_many, Connection.read_get_many, retry=True,
-            native=_GET_MANY_NATIVE,
+            native=_GET_MANY_NATIVE, into=raw,
         ):
-            if isinstance(outcome, DjmemcacheError):
-                self._failed(outcome, "get_many", None)
-            else:
+            if type(outcome) is dict:
                 raw.update(outcome)
+            elif isinstance(outcome, DjmemcacheError):
+                self._failed(outcome, "get_many", None)
         if raw:
             # Decoded once for every server: one call, not one per server.
             found, corrupt = self.serializer.loads_many(raw)
@@ -603,10 +611,6 @@ _GET_MANY_NATIVE = (Connection.get_many_request, Connection.get_many_outcome)
 
 def _warn_unreadable(key, exc):
     logger.warning("unreadable item for key %r treated as a miss: %s", key, exc)
-
-
-def _first(pair):
-    return pair[0]
 
 
 _NON_NUMERIC = object()

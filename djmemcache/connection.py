@@ -699,25 +699,19 @@ class Connection:
         return wires
 
     def get_many_request(self, keys):
-        """What ``_speedups.exchange_many`` needs to run this connection's part
-        of a pipelined ``get_many`` (no I/O here), and the wire keys."""
-        wires = self._wires(keys)
-        return (self._fd, b"get " + b" ".join(wires) + b"\r\n", _GET, len(wires),
-                self._first_read_blocks), wires
+        """This connection's part of a pipelined ``get_many``, as
+        ``_speedups.exchange_many`` takes it (no I/O here): C builds the
+        command from the keys and puts the values it reads straight into
+        the pipeline's dict, keyed by these keys."""
+        return self._fd, self.key_prefix, keys, self._first_read_blocks
 
-    def get_many_outcome(self, outcome, wires):
-        """``{key: (data, flags)}`` from ``_speedups``' outcome, or raise its failure."""
-        if type(outcome) is not list:
+    def get_many_outcome(self, outcome, keys):
+        """How many of ``keys`` had a value (now in the pipeline's dict), or raise the failure."""
+        if type(outcome) is not int:
             raise _native_failure(self, outcome)
-        found = {}
-        for wire, flags, data in outcome:
-            key = wires.get(wire)
-            if key is None or key in found:
-                raise ProtocolError("reply for a key not asked for: %r" % wire[:64])
-            found[key] = (data, flags)
-        self.hits += len(found)
-        self.misses += len(wires) - len(found)
-        return found
+        self.hits += outcome
+        self.misses += len(keys) - outcome
+        return outcome
 
     def read_get_many(self, wires, deadline=None):
         if deadline is None:
@@ -964,10 +958,10 @@ _GET = getattr(_speedups, "MODE_GET", 0)
 _LINES = getattr(_speedups, "MODE_LINES", 1)
 
 
-def exchange_many(requests, deadline, timeout, max_value):
+def exchange_many(requests, deadline, timeout, max_value, into=None):
     """Every request's round trip in one C call (``Client._pipeline``)."""
     return _speedups.exchange_many(requests, deadline, timeout, max_value, MAX_LINE,
-                                   BLOCKING_READ_MIN_TIMEOUT)
+                                   BLOCKING_READ_MIN_TIMEOUT, into)
 
 
 def _native_failure(conn, failure):

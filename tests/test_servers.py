@@ -35,13 +35,25 @@ def _random_keys(n, seed=7):
     return keys
 
 
-@pytest.mark.parametrize("use_c", [True, False])
-def test_placement_matches_pymemcache_rendezvous_over_100000_keys(use_c):
+# Placement three ways: _speedups (C murmur3), mmh3, pymemcache's pure Python.
+IMPLS = ["native", "mmh3", "pure"]
+
+
+def _ring(nodes, impl):
+    if impl == "native" and servers._speedups is None:
+        pytest.skip("djmemcache._speedups is not built")
+    ring = Rendezvous(nodes, use_c=impl != "pure", native=impl == "native")
+    assert (ring._native is not None) == (impl == "native")
+    return ring
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_placement_matches_pymemcache_rendezvous_over_100000_keys(impl):
     nodes = ["127.0.0.1:11211", "127.0.0.1:11212", "127.0.0.1:11213"]
     theirs = RendezvousHash(nodes=list(nodes))
-    ours = Rendezvous(nodes, use_c=use_c)
+    ours = _ring(nodes, impl)
     everyone = (0, 1, 2)
-    n = 100_000 if use_c else 5_000
+    n = 100_000 if impl != "pure" else 5_000
     mismatches = [k for k in _random_keys(n) if nodes[ours.choose(k, everyone)] != theirs.get_node(k)]
     assert mismatches == []
 
@@ -55,32 +67,32 @@ def test_placement_over_remaining_servers_matches_pymemcache_after_removal():
         assert nodes[ours.choose(key, (0, 2, 3))] == theirs.get_node(key)
 
 
-@pytest.mark.parametrize("use_c", [True, False])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("nodes, live", [
     (["127.0.0.1:11211", "127.0.0.1:11212", "127.0.0.1:11213"], (0, 1, 2)),
     (["a:1", "b:2", "c:3", "d:4"], (0, 2, 3)),
     (["a:1", "a:1", "b:2"], (0, 1, 2)),  # equal names, equal scores: the tie-break decides
     (["a:1", "b:2"], (1,)),
 ])
-def test_batch_placement_puts_every_key_where_choose_does(use_c, nodes, live):
-    ours = Rendezvous(nodes, use_c=use_c)
-    keys = _random_keys(20_000 if use_c else 2_000)
+def test_batch_placement_puts_every_key_where_choose_does(impl, nodes, live):
+    ours = _ring(nodes, impl)
+    keys = _random_keys(20_000 if impl != "pure" else 2_000)
     expected = {}
     for key in keys:
         expected.setdefault(ours.choose(key, live), []).append(key)
     # A fresh ring: group's own placement, not what choose left in the memo.
-    assert Rendezvous(nodes, use_c=use_c).group(keys, live) == expected
+    assert _ring(nodes, impl).group(keys, live) == expected
     assert ours.group(keys, live) == expected  # and from the memo
 
 
-@pytest.mark.parametrize("use_c", [True, False])
-def test_remembered_placement_follows_the_live_servers(use_c):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_remembered_placement_follows_the_live_servers(impl):
     nodes = ["a:1", "b:2", "c:3", "d:4"]
     everyone = RendezvousHash(nodes=list(nodes))
     without_b = RendezvousHash(nodes=list(nodes))
     without_b.remove_node("b:2")
-    ours = Rendezvous(nodes, use_c=use_c)
-    keys = _random_keys(servers.PLACEMENT_MEMO + 500 if use_c else 1_000)
+    ours = _ring(nodes, impl)
+    keys = _random_keys(servers.PLACEMENT_MEMO + 500 if impl != "pure" else 1_000)
     for live, theirs in [((0, 1, 2, 3), everyone), ((0, 2, 3), without_b), ([0, 1, 2, 3], everyone)]:
         for _ in range(2):  # placed, then remembered
             assert [nodes[ours.choose(k, live)] for k in keys] == [theirs.get_node(k) for k in keys]
