@@ -192,7 +192,11 @@ class PyMemcacheCache(BaseMemcachedCache):
         key, with the keys of the batch checked in one pass, not one each."""
         if self._plain_make_key and self.key_func is default_key_func:
             head = "%s:%s:" % (self.key_prefix, self.version if version is None else version)
-            key_map = {head + key if type(key) is str else "%s%s" % (head, key): key for key in keys}
+            keys = keys if isinstance(keys, (list, tuple)) else list(keys)
+            try:
+                key_map = dict(zip([head + key for key in keys], keys, strict=True))
+            except TypeError:  # a key that is not a str: Django formats it with %s
+                key_map = {"%s%s" % (head, key): key for key in keys}
         elif self._plain_make_key:
             key_func, prefix = self.key_func, self.key_prefix
             version = self.version if version is None else version

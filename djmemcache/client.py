@@ -109,7 +109,6 @@ class Client:
         self.ignore_exc = options.ignore_exc
         self.max_value_size = options.max_value_size
         self._random = options.distribution == "random"
-        self._single = len(self.servers) == 1
         self._log_lock = threading.Lock()
         self._pool_warned_at = -1e9
         self._pool_warnings_held = 0
@@ -130,7 +129,9 @@ class Client:
         return live
 
     def _index_for(self, key):
-        live = self._live()
+        live, next_probe = self.blacklist.state
+        if next_probe is not None or not live:  # a probe may be due, or no server is live
+            live = self._live()
         if len(live) == 1:
             return live[0]
         if self._random:
@@ -401,10 +402,7 @@ class Client:
         # case (consistent distribution, a healthy connection). Any failure
         # takes the general path through ``_recover``.
         try:
-            if self._single and self.blacklist.state[1] is None:
-                index = 0  # one healthy server: nothing to choose
-            else:
-                index = self._index_for(key)
+            index = self._index_for(key)
             if self._random:
                 raw = self._call(index, "get", Connection.get, key, retry=True)
             else:

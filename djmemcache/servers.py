@@ -174,7 +174,9 @@ class Rendezvous:
         if len(candidates) == 1:
             return candidates[0]
         if self._native is not None:
-            return self._native.choose(key, self._placed_for(candidates)[1])
+            placed = self._placed  # the live servers' tuple is the one placed last: no call
+            return self._native.choose(key, placed[2] if placed[0] is candidates else
+                                       self._placed_for(candidates)[1])
         memo, _scored = self._placed_for(candidates)
         index = memo.get(key)
         if index is None:
@@ -212,7 +214,9 @@ class Rendezvous:
         if len(candidates) == 1:
             return {candidates[0]: list(keys)}
         if self._native is not None:
-            return self._native.group(keys, self._placed_for(candidates)[1])
+            placed = self._placed
+            return self._native.group(keys, placed[2] if placed[0] is candidates else
+                                      self._placed_for(candidates)[1])
         if not self._fast:
             groups = {}
             for key in keys:

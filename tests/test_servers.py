@@ -32,6 +32,7 @@ def _random_keys(n, seed=7):
     alphabet = string.ascii_letters + string.digits + ":_-."
     keys = [":1:" + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(n)]
     keys += [":1:Iñtërnâtiônàlizætiøn", ":1:ąćęłńóśźż", ":1:清清", ":1:😀key", ""]
+    keys += [":1:" + "long" * 200, ":1:" + "清" * 600]  # past the C placement's stack buffer
     return keys
 
 

@@ -94,6 +94,32 @@ def test_both_io_paths_read_the_same_values(mc3, make_cache, monkeypatch, prefix
     assert singles == {**values, **dict.fromkeys(missing)}
 
 
+def test_a_get_many_of_long_keys_some_twice_reads_each_key_once(io_path, mc3, make_cache):
+    """The C path builds the get command from the keys (its buffer grows for
+    long ones) and asks for a key given twice once: memcached would answer
+    it twice, and the second VALUE would be refused as a key not asked for."""
+    cache = make_cache(location(mc3), {"KEY_PREFIX": "prefix:" * 5})
+    keys = ["L" * 200 + str(i) for i in range(20)]
+    cache.set_many({key: key for key in keys})
+    made = [cache.make_and_validate_key(key) for key in keys]
+    assert cache.client.get_many(made + made[:5] + made[-2:]) == dict(zip(made, keys, strict=True))
+    assert all(entry["in_use"] == 0 and entry["errors"] == 0 for entry in cache.stats())
+
+
+def test_a_get_of_keys_is_refused_before_anything_is_sent_when_its_arguments_are_wrong(native_only):
+    """The (fd, prefix, keys, blocks) request: str keys, at least one, and a
+    dict for the values."""
+    speedups = connection._speedups
+    args = (None, None, 2**20, connection.MAX_LINE, 0.05)
+    with pytest.raises(TypeError):
+        speedups.exchange_many([(-1, b"", ["k"], False)], *args)  # nowhere to put values
+    for keys in ([b"k"], "k", [1]):
+        with pytest.raises(TypeError):
+            speedups.exchange_many([(-1, b"", keys, False)], *args, {})
+    with pytest.raises(ValueError):
+        speedups.exchange_many([(-1, b"", [], False)], *args, {})
+
+
 def test_a_store_incr_touch_and_delete_round_trip_on_the_c_path(native_only, mc3, make_cache):
     cache = make_cache(location(mc3))
     assert cache.add("n", 1)
