@@ -60,6 +60,8 @@ class HostPool:
         self.max_size = options.max_pool_size
         self.wait_timeout = options.pool_timeout
         self.idle_timeout = options.pool_idle_timeout
+        # How long a connection may sit idle before acquire() looks at it again.
+        self._check_after = min(STALE_CHECK_AFTER, self.idle_timeout or STALE_CHECK_AFTER)
         self._reset_state()
         _POOLS.add(self)
 
@@ -102,23 +104,29 @@ class HostPool:
                     conn = self._take()
             if conn is None:
                 conn = self._wait_for_slot()
-            if conn.sock is None:
-                self._connect(conn)
-                return conn
-            idle = _now() - conn.idle_since
             # A connection used less than STALE_CHECK_AFTER ago cannot have missed
             # a server restart (that takes longer); skipping the check keeps a
-            # syscall, and a GIL hand-off, off the busiest path.
-            if (idle >= STALE_CHECK_AFTER and conn.is_stale()) or (
-                self.idle_timeout and idle > self.idle_timeout
-            ):
-                conn.close()  # the slot stays ours: open a new connection in it
-                self._connect(conn)
+            # syscall, and a GIL hand-off, off the busiest path. A new one has
+            # idle_since 0.
+            idle = _now() - conn.idle_since
+            if idle >= self._check_after:
+                self._refresh(conn, idle)
             return conn
         except BaseException:
             if conn is not None:
                 self.discard(conn)
             raise
+
+    def _refresh(self, conn, idle):
+        """Connect a new connection; replace one the server closed, or one
+        idle for longer than IDLE_TIMEOUT (the slot stays ours)."""
+        if conn.sock is None:
+            self._connect(conn)
+        elif (idle >= STALE_CHECK_AFTER and conn.is_stale()) or (
+            self.idle_timeout and idle > self.idle_timeout
+        ):
+            conn.close()
+            self._connect(conn)
 
     def _new_member(self):
         # With the lock held: a slot for a connection not yet connected.
