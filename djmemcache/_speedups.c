@@ -617,7 +617,8 @@ flags_object(conn_t *c, item_t *it)
 }
 
 /* The values of a get of the caller's keys (init_get_keys), as
- * key: (data, flags) in `into`; returns how many. */
+ * key: (data, flags) in `into`; returns (hits, misses) of the keys asked
+ * for (a key given twice was asked once). */
 static PyObject *
 found_values(conn_t *c, PyObject *into)
 {
@@ -640,12 +641,13 @@ found_values(conn_t *c, PyObject *into)
             return NULL;
         }
     }
-    return PyLong_FromSsize_t(c->nitems);
+    return Py_BuildValue("(nn)", c->nitems, c->count - c->nitems);
 }
 
 /* What Python gets for one connection: on success, a list (get: (wire,
  * flags, data) tuples; lines: the lines), or for a get of the caller's keys
- * the number of values put in `into`; else a (kind, errno, detail) tuple. */
+ * (hits, misses), the values being in `into`; else a (kind, errno, detail)
+ * tuple. */
 static PyObject *
 outcome(conn_t *c, PyObject *into)
 {
@@ -992,7 +994,8 @@ exchange(PyObject *Py_UNUSED(self), PyObject *args)
 PyDoc_STRVAR(exchange_many_doc,
 "exchange_many(requests, deadline, timeout, max_value, max_line, min_blocking, into=None)\n\n"
 "``requests``: a list of (fd, command, mode, count, blocks), or (fd, prefix, keys,\n"
-"blocks) for a get of ``keys`` (str) whose values go into the dict ``into``;\n"
+"blocks) for a get of ``keys`` (str) whose values go into the dict ``into`` (its\n"
+"outcome: (hits, misses));\n"
 "every command is sent, then every reply read, in one release of the GIL.\n"
 "One outcome per request.");
 

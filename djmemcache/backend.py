@@ -103,6 +103,9 @@ class PyMemcacheCache(BaseMemcachedCache):
     def __init__(self, server, params):
         super().__init__(server, params, library=pymemcache, value_not_found_exception=KeyError)
         self._plain_make_key = type(self).make_key is BaseCache.make_key
+        # get_many makes a batch of keys at once unless a subclass makes them its own way.
+        self._plain_batch = (self._plain_make_key and type(self).make_and_validate_key
+                             is PyMemcacheCache.make_and_validate_key)
         self._client = None
         self._guard = None  # get_or_set's, found once per backend instance
         try:
@@ -190,19 +193,17 @@ class PyMemcacheCache(BaseMemcachedCache):
     def _made_keys(self, keys, version):
         """``{made key: key}`` for a batch: ``make_and_validate_key`` of each
         key, with the keys of the batch checked in one pass, not one each."""
-        if self._plain_make_key and self.key_func is default_key_func:
+        if not self._plain_batch:
+            return {self.make_and_validate_key(key, version=version): key for key in keys}
+        if self.key_func is default_key_func:
             head = "%s:%s:" % (self.key_prefix, self.version if version is None else version)
-            keys = keys if isinstance(keys, (list, tuple)) else list(keys)
-            try:
-                key_map = dict(zip([head + key for key in keys], keys, strict=True))
-            except TypeError:  # a key that is not a str: Django formats it with %s
-                key_map = {"%s%s" % (head, key): key for key in keys}
-        elif self._plain_make_key:
+            # Django formats with %s: the same as + for an exact str, not for a
+            # subclass with its own __str__ (an Enum's member), nor an int.
+            key_map = {head + key if type(key) is str else "%s%s" % (head, key): key for key in keys}
+        else:
             key_func, prefix = self.key_func, self.key_prefix
             version = self.version if version is None else version
             key_map = {key_func(key, prefix, version): key for key in keys}
-        else:
-            key_map = {self.make_key(key, version=version): key for key in keys}
         if not key_map:
             return key_map
         joined = "".join(key_map)

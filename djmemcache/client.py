@@ -442,6 +442,7 @@ class Client:
                 raw.update(outcome)
             elif isinstance(outcome, DjmemcacheError):
                 self._failed(outcome, "get_many", None)
+            # else (hits, misses) of the C path, whose values are already in raw
         if raw:
             # Decoded once for every server: one call, not one per server.
             found, corrupt = self.serializer.loads_many(raw)

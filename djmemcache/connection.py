@@ -710,11 +710,12 @@ class Connection:
         return self._fd, self.key_prefix, keys, self._first_read_blocks
 
     def get_many_outcome(self, outcome, keys):
-        """How many of ``keys`` had a value (now in the pipeline's dict), or raise the failure."""
-        if type(outcome) is not int:
+        """``(hits, misses)`` of ``keys`` (the values are in the pipeline's
+        dict), or raise the failure (a ``(kind, errno, detail)`` outcome)."""
+        if len(outcome) != 2:
             raise _native_failure(self, outcome)
-        self.hits += outcome
-        self.misses += len(keys) - outcome
+        self.hits += outcome[0]
+        self.misses += outcome[1]
         return outcome
 
     def read_get_many(self, wires, deadline=None):

@@ -229,6 +229,9 @@ class HostPool:
             conn.reused = True
             conn.idle_since = _now()
             with self._lock:
+                self.hits += conn.hits
+                self.misses += conn.misses
+                conn.hits = conn.misses = 0
                 # Set first: once a waiter or the idle list may hold it, another
                 # caller may be using it, so it is never closed here. An exception
                 # before it gets there only drops it (its slot is freed when it
@@ -256,17 +259,8 @@ class HostPool:
                 except ValueError:
                     pass
             if self._members.pop(getattr(conn, "member_ref", None), 0) != 0:
-                self._fold_counts(conn)
                 self._wake_waiters()
         conn.close()
-
-    def _fold_counts(self, conn):
-        # With the lock held, as a member leaves: its hits and misses become
-        # the pool's (a connection counts its own while it is a member, so
-        # release() has nothing to add up).
-        self.hits += conn.hits
-        self.misses += conn.misses
-        conn.hits = conn.misses = 0
 
     def record_failure(self, timeout, blacklisted):
         with self._lock:
@@ -283,7 +277,6 @@ class HostPool:
             for conn in idle:
                 conn.pooled = False
                 self._members.pop(conn.member_ref, None)
-                self._fold_counts(conn)
             self._wake_waiters()
         for conn in idle:
             conn.close()
@@ -303,13 +296,7 @@ class HostPool:
 
     def counters(self):
         with self._lock:
-            hits, misses = self.hits, self.misses
-            for ref in self._members:
-                conn = ref()
-                if conn is not None:
-                    hits += conn.hits
-                    misses += conn.misses
-            return {"hits": hits, "misses": misses, "errors": self.errors,
+            return {"hits": self.hits, "misses": self.misses, "errors": self.errors,
                     "timeouts": self.timeouts, "blacklistings": self.blacklistings}
 
     def __repr__(self):

@@ -319,3 +319,43 @@ def test_incr_refuses_a_non_integer_delta_before_the_wire(make_cache, mc1):
         with pytest.raises(TypeError, match="integer"):
             cache.incr("n", delta)
     assert cache.get("n") == 1
+
+
+def test_get_many_makes_keys_as_get_does_with_a_make_and_validate_key_of_a_subclass(mc1):
+    """get_many makes a batch of keys in one pass, but never past a subclass's
+    own make_and_validate_key (here one that hashes long keys)."""
+    import hashlib
+
+    class Hashing(PyMemcacheCache):
+        def make_and_validate_key(self, key, version=None):
+            key = self.make_key(key, version=version)
+            if len(key) > 200:
+                key = hashlib.md5(key.encode()).hexdigest()
+            self.validate_key(key)
+            return key
+
+    cache = Hashing(mc1.location, {})
+    cache.set("x" * 300, 1)
+    assert cache.get("x" * 300) == 1
+    assert cache.get_many(["x" * 300, "y"]) == {"x" * 300: 1}
+
+
+def test_get_many_makes_the_key_of_a_str_subclass_with_its_own_str_as_django_does(mc1, make_cache):
+    """Django's default_key_func formats a key with %s: for an Enum member that
+    is a str, or a str subclass with its own __str__, that is str(key), not its characters."""
+    import enum
+
+    class Color(str, enum.Enum):
+        RED = "red"
+
+    class Shown(str):
+        def __str__(self):
+            return "shown"
+
+    cache = make_cache(mc1.location)
+    cache.set(Color.RED, 1)
+    cache.set(Shown("k"), 2)
+    cache.set(7, 3)
+    assert cache.get(Color.RED) == 1 and cache.get(Shown("k")) == 2
+    assert cache.get_many([Color.RED, Shown("k"), 7]) == {Color.RED: 1, Shown("k"): 2, 7: 3}
+    assert DjangoPyMemcacheCache(mc1.location, {}).make_key(Color.RED) == cache.make_and_validate_key(Color.RED)
