@@ -158,6 +158,8 @@ class Serializer:
             self._zstd_compress = zstandard.ZstdCompressor().compress
         # The first key signs; every key verifies (SECRET_KEY_FALLBACKS rotation).
         self.signing_keys = tuple(signing_keys or ())
+        # Unsigned items of the default format: decoded straight from their flags.
+        self._plain = not self.signing_keys and type(self.format) is PickleFormat
 
     def dumps(self, key, value):
         """Return ``(data, flags)``; raise ``TypeError``/``pickle.PicklingError``
@@ -184,6 +186,13 @@ class Serializer:
 
     def loads(self, key, data, flags):
         """The value of an item, or ``CorruptValue``."""
+        if self._plain:
+            decode = _PLAIN_DECODERS.get(flags)
+            if decode is not None:  # else compressed, or flags of no format: below
+                try:
+                    return decode(data)
+                except _DECODING_ERRORS as exc:
+                    raise _undecodable(flags, exc) from exc
         try:
             if self.signing_keys:
                 if flags == FLAG_INTEGER:
@@ -218,7 +227,7 @@ class Serializer:
         default format, unsigned, are decoded inline (no three calls per
         item); everything else goes through ``loads``.
         """
-        plain = not self.signing_keys and type(self.format) is PickleFormat
+        plain = self._plain
         if plain:
             # One comprehension for the whole reply; any item that fails sends
             # the reply through the loop below, which says which one.
