@@ -596,11 +596,10 @@ class Connection:
         the general reader with what was already read.
         """
         wire = self.key_prefix + key.encode("utf-8")
-        timeout = self.timeout
-        deadline = None if timeout is None else _monotonic() + timeout
+        deadline = self.deadline()
         if self._native:  # Connection._exchange, inlined on the busiest path
             found = _speedups.exchange(self._fd, b"get " + wire + b"\r\n", _GET, 1, self._first_read_blocks,
-                                       deadline, timeout, self.max_value_size, MAX_LINE,
+                                       deadline, self.timeout, self.max_value_size, MAX_LINE,
                                        BLOCKING_READ_MIN_TIMEOUT)
             if type(found) is not list:
                 raise _native_failure(self, found)

@@ -106,10 +106,9 @@ class HostPool:
                 conn = self._wait_for_slot()
             # A connection used less than STALE_CHECK_AFTER ago cannot have missed
             # a server restart (that takes longer); skipping the check keeps a
-            # syscall, and a GIL hand-off, off the busiest path. A new one has
-            # idle_since 0.
+            # syscall, and a GIL hand-off, off the busiest path.
             idle = _now() - conn.idle_since
-            if idle >= self._check_after:
+            if idle >= self._check_after or conn.sock is None:
                 self._refresh(conn, idle)
             return conn
         except BaseException:

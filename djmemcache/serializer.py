@@ -57,7 +57,7 @@ INFLATE_FACTOR = 32
 # caller's own code (a signal handler's) must reach the caller, not become a miss.
 _DECODING_ERRORS = (
     pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-    IndexError, KeyError, LookupError, OverflowError, RecursionError, MemoryError, zlib.error,
+    IndexError, KeyError, LookupError, ArithmeticError, RecursionError, MemoryError, zlib.error,
 )
 
 
@@ -223,30 +223,19 @@ class Serializer:
     def loads_many(self, items):
         """``({key: value}, [(key, CorruptValue)])`` of ``{key: (data, flags)}``.
 
-        ``loads`` for a multi-key reply: pickled and text items of the
-        default format, unsigned, are decoded inline (no three calls per
-        item); everything else goes through ``loads``.
+        ``loads`` for a multi-key reply: unsigned items of the default
+        format are decoded inline from their flags (no three calls per
+        item); everything else goes through ``loads``. Each item is decoded
+        once, whatever the others hold.
         """
-        plain = self._plain
-        if plain:
-            # One comprehension for the whole reply; any item that fails sends
-            # the reply through the loop below, which says which one.
-            try:
-                return {key: _PLAIN_DECODERS[flags](data) for key, (data, flags) in items.items()}, []
-            except _DECODING_ERRORS:
-                pass
         values = {}
         corrupt = []
+        decoders = _PLAIN_DECODERS if self._plain else {}
         loads = self.loads
-        unpickle = pickle.loads
         for key, (data, flags) in items.items():
             try:
-                if plain and flags == FLAG_PICKLE:
-                    values[key] = unpickle(data)
-                elif plain and flags == FLAG_TEXT:
-                    values[key] = data.decode("utf-8")
-                else:
-                    values[key] = loads(key, data, flags)
+                decode = decoders.get(flags)
+                values[key] = loads(key, data, flags) if decode is None else decode(data)
             except CorruptValue as exc:
                 corrupt.append((key, exc))
             except _DECODING_ERRORS as exc:

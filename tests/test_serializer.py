@@ -1,5 +1,6 @@
 """Value format: Django/pymemcache compatible, compression, signatures, corrupt items."""
 
+import decimal
 import pickle
 import zlib
 
@@ -86,6 +87,7 @@ def test_zstd_compression_round_trip():
     (zlib.compress(b"x" * 100)[:10], 8 | 16),    # truncated compressed text
     (b"\xff\xfe", 16),                           # bad UTF-8
     (b"12x", 2),                                 # not an integer
+    (pickle.dumps(decimal.Decimal("1.5")).replace(b"1.5", b"1.x"), 1),  # InvalidOperation
 ])
 def test_corrupt_items_raise_corrupt_value(data, flags):
     with pytest.raises(CorruptValue):
@@ -146,3 +148,27 @@ def test_unsigned_item_is_refused_when_signing():
 def test_formats_are_small_classes_with_the_same_interface():
     for fmt in (PickleFormat(), JSONFormat()):
         assert fmt.loads(*fmt.dumps("v")) == "v"
+
+
+class _CountsUnpickling:
+    unpickled = 0
+
+    def __init__(self):
+        self.state = "set"
+
+    def __setstate__(self, state):
+        type(self).unpickled += 1
+        self.__dict__.update(state)
+
+
+def test_loads_many_decodes_each_item_once_whatever_the_others_hold():
+    """A compressed or corrupt item next to pickled ones sends only itself
+    through the full path: nothing is unpickled twice (unpickling can run code)."""
+    serializer = Serializer(compress_min_length=200)
+    items = {"a": serializer.dumps("a", _CountsUnpickling()), "z": serializer.dumps("z", "y" * 1000),
+             "bad": (b"\x80\x05garbage", 1)}
+    assert items["z"][1] & 8  # compressed
+    _CountsUnpickling.unpickled = 0
+    values, corrupt = serializer.loads_many(items)
+    assert _CountsUnpickling.unpickled == 1
+    assert values["z"] == "y" * 1000 and [key for key, _ in corrupt] == ["bad"]
