@@ -92,8 +92,8 @@ class PickleFormat:
         raise CorruptValue("unknown flags %d" % flags)
 
 
-#: ``PickleFormat.loads`` by flags, for ``Serializer.loads_many``: any other
-#: flags are a KeyError there, and go through ``loads``.
+#: ``PickleFormat.loads`` by flags, for unsigned items of the default format
+#: (``Serializer.loads`` and ``loads_many``); other flags take the full path.
 _PLAIN_DECODERS = {FLAG_PICKLE: pickle.loads, FLAG_TEXT: bytes.decode, FLAG_BYTES: bytes,
                    FLAG_INTEGER: int, FLAG_LONG: int}
 

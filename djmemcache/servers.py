@@ -129,8 +129,9 @@ class Rendezvous:
 
     Same scores (murmur3_32, seed 0, of ``"{node}-{key}"``) and the same
     tie-break, so every key lands where Django's ``PyMemcacheCache`` puts it.
-    Faster because it hashes with mmh3 (C) and skips hashing altogether when
-    only one server is live.
+    Faster because it skips hashing altogether when only one server is
+    live, and places keys in C: ``djmemcache._speedups`` (a key or a whole
+    batch per call) where it is built, else mmh3's murmur3 with a memo.
     """
 
     def __init__(self, nodes, use_c=True, native=None):
@@ -144,7 +145,7 @@ class Rendezvous:
         self._native = speedups if use_c and self._ascii_prefixes and speedups is not None else None
         # (candidates, {key: index}, hash order): replaced whole, never changed
         # in place, so a thread reads one consistent set (see _placed_for).
-        self._placed = ((), {}, [])
+        self._placed = ((), {}, ())
 
     def _placed_for(self, candidates):
         """``(memo, scored)`` for ``candidates``: the keys already placed among
