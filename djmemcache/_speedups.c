@@ -784,6 +784,19 @@ alloc_keys(conn_t *c)
     return 0;
 }
 
+/* Key k of the get is c->out[start:start + len]: into the table. */
+static void
+add_key(conn_t *c, Py_ssize_t k, Py_ssize_t start, Py_ssize_t len)
+{
+    size_t slot = hash_bytes(c->out + start, len) & (size_t)c->mask;
+    while (c->table[slot] >= 0) {
+        slot = (slot + 1) & (size_t)c->mask;
+    }
+    c->key_at[k] = start;
+    c->key_len[k] = len;
+    c->table[slot] = k;
+}
+
 /* get: the keys of the command "get <key> <key> ...\r\n", `count` of them. */
 static int
 init_keys(conn_t *c)
@@ -802,7 +815,6 @@ init_keys(conn_t *c)
     }
     while (pos < end) {
         Py_ssize_t start = ++pos;  /* past the space */
-        size_t slot;
         while (pos < end && cmd[pos] != ' ') {
             pos++;
         }
@@ -810,19 +822,24 @@ init_keys(conn_t *c)
             k++;  /* more keys than count: refused below */
             break;
         }
-        c->key_at[k] = start;
-        c->key_len[k] = pos - start;
-        slot = hash_bytes(cmd + start, pos - start) & (size_t)c->mask;
-        while (c->table[slot] >= 0) {
-            slot = (slot + 1) & (size_t)c->mask;
-        }
-        c->table[slot] = k++;
+        add_key(c, k++, start, pos - start);
     }
     if (k != c->count) {
         PyErr_SetString(PyExc_ValueError, "count is not the number of keys in the get command");
         return -1;
     }
     return 0;
+}
+
+/* The fields every request sets, before its command and keys. */
+static void
+begin_conn(conn_t *c, int fd, int mode, Py_ssize_t count, int blocks)
+{
+    c->fd = fd;
+    c->mode = mode;
+    c->blocks = blocks;
+    c->count = count;
+    c->state = ST_SENDING;
 }
 
 static int
@@ -842,13 +859,9 @@ init_conn(conn_t *c, int fd, PyObject *command, int mode, Py_ssize_t count, int 
         PyErr_SetString(PyExc_ValueError, "count is not the number of keys in the get command");
         return -1;
     }
-    c->fd = fd;
-    c->mode = mode;
-    c->blocks = blocks;
-    c->count = count;
+    begin_conn(c, fd, mode, count, blocks);
     c->out = data;
     c->out_len = size;
-    c->state = ST_SENDING;
     if (mode == MODE_GET) {
         return init_keys(c);
     }
@@ -881,16 +894,13 @@ init_get_keys(conn_t *c, int fd, PyObject *prefix, PyObject *keys, int blocks)
     if (c->keys == NULL) {
         return -1;
     }
-    c->fd = fd;
-    c->mode = MODE_GET;
-    c->blocks = blocks;
-    c->count = n;
-    c->state = ST_SENDING;
+    begin_conn(c, fd, MODE_GET, n, blocks);
     if (alloc_keys(c) < 0) {
         return -1;
     }
     cap = 5 + n * (pre_len + 24);
-    out = c->own_out = PyMem_Malloc((size_t)cap);
+    /* c->out is the command as far as it is built: key_index reads keys there. */
+    c->out = out = c->own_out = PyMem_Malloc((size_t)cap);
     if (out == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -902,8 +912,6 @@ init_get_keys(conn_t *c, int fd, PyObject *prefix, PyObject *keys, int blocks)
         PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
         const char *text;
         Py_ssize_t text_len, start, key_len, need;
-        size_t slot;
-        int dup = 0;
         if (!PyUnicode_Check(key)) {
             PyErr_SetString(PyExc_TypeError, "keys must be str");
             return -1;
@@ -921,38 +929,26 @@ init_get_keys(conn_t *c, int fd, PyObject *prefix, PyObject *keys, int blocks)
                 PyErr_NoMemory();
                 return -1;
             }
-            out = c->own_out = grown;
+            c->out = out = c->own_out = grown;
         }
         out[len++] = ' ';
         start = len;
         memcpy(out + len, pre, (size_t)pre_len);
         memcpy(out + len + pre_len, text, (size_t)text_len);
         key_len = pre_len + text_len;
-        slot = hash_bytes(out + start, key_len) & (size_t)c->mask;
-        for (; c->table[slot] >= 0; slot = (slot + 1) & (size_t)c->mask) {
-            Py_ssize_t other = c->table[slot];
-            if (c->key_len[other] == key_len
-                    && memcmp(out + c->key_at[other], out + start, (size_t)key_len) == 0) {
-                dup = 1;
-                break;
-            }
-        }
-        if (dup) {
+        if (key_index(c, out + start, key_len) >= 0) {  /* asked already */
             len = start - 1;
             continue;
         }
         if (PyList_Append(c->keys, key) < 0) {
             return -1;
         }
-        c->key_at[k] = start;
-        c->key_len[k] = key_len;
-        c->table[slot] = k++;
+        add_key(c, k++, start, key_len);
         len += key_len;
     }
     out[len++] = '\r';
     out[len++] = '\n';
     c->count = k;
-    c->out = out;
     c->out_len = len;
     return 0;
 }
