@@ -290,17 +290,11 @@ class Client:
             if natives:
                 if timeout is not None:
                     deadline = time.monotonic() + timeout  # the latest: nothing of theirs is sent yet
-                if natives == len(held):
-                    outcomes = exchange_many([entry[3] for entry in held], deadline, timeout,
-                                             self.max_value_size, into)
-                    for entry, outcome in zip(held, outcomes, strict=True):
-                        entry[3] = outcome
-                else:
-                    outcomes = iter(exchange_many([entry[3] for entry in held if entry[1]._native],
-                                                  deadline, timeout, self.max_value_size, into))
-                    for entry in held:
-                        if entry[1]._native:
-                            entry[3] = next(outcomes)
+                outcomes = iter(exchange_many([entry[3] for entry in held if entry[1]._native],
+                                              deadline, timeout, self.max_value_size, into))
+                for entry in held:
+                    if entry[1]._native:
+                        entry[3] = next(outcomes)
             while held:
                 index, conn, batch, token = held[0]
                 try:

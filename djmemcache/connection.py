@@ -597,12 +597,8 @@ class Connection:
         """
         wire = self.key_prefix + key.encode("utf-8")
         deadline = self.deadline()
-        if self._native:  # Connection._exchange, inlined on the busiest path
-            found = _speedups.exchange(self._fd, b"get " + wire + b"\r\n", _GET, 1, self._first_read_blocks,
-                                       deadline, self.timeout, self.max_value_size, MAX_LINE,
-                                       BLOCKING_READ_MIN_TIMEOUT)
-            if type(found) is not list:
-                raise _native_failure(self, found)
+        if self._native:
+            found = self._exchange(b"get " + wire + b"\r\n", _GET, deadline)
             if not found:
                 self.misses += 1
                 return None

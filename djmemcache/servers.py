@@ -215,9 +215,7 @@ class Rendezvous:
         if len(candidates) == 1:
             return {candidates[0]: list(keys)}
         if self._native is not None:
-            placed = self._placed
-            return self._native.group(keys, placed[2] if placed[0] is candidates else
-                                      self._placed_for(candidates)[1])
+            return self._native.group(keys, self._placed_for(candidates)[1])
         if not self._fast:
             groups = {}
             for key in keys:
