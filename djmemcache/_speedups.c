@@ -1306,12 +1306,219 @@ fail:
     return NULL;
 }
 
+/* -- The pool's common path: an idle connection out, a used one back --------
+ *
+ * pool.py's HostPool.acquire and release, for the case every call of a busy
+ * site takes: a connection idle less than STALE_CHECK_AFTER, given back with
+ * nobody waiting. Each pair is two C calls instead of about 120 bytecodes
+ * run under the GIL (issue 11, sixth round). Anything else (an empty idle
+ * list, a connection to look at again, waiters, a fork) returns None or
+ * False and the caller takes the Python path, which does it all.
+ *
+ * Why no lock is taken: these run with the GIL held from start to end and
+ * run no Python code (attribute reads and writes of plain instances, ints,
+ * floats, a list), so no other thread runs meanwhile; and they act only when
+ * the pool's lock is free, so no thread is part-way through the Python
+ * path's bookkeeping either. Only with a plain _thread.lock, whose locked()
+ * is C; a build without the GIL never takes this path. */
+
+static PyObject *s_lock, *s_locked, *s_idle, *s_waiters, *s_check_after, *s_pid, *s_pool_pid;
+static PyObject *s_sock, *s_idle_since, *s_pooled, *s_reused, *s_hits, *s_misses;
+
+/* 1 when no thread holds the pool's lock, 0 when the Python path must run. */
+static int
+pool_quiet(PyObject *pool)
+{
+#ifdef Py_GIL_DISABLED
+    (void)pool;
+    return 0;
+#else
+    PyObject *lock, *held;
+    int quiet;
+    lock = PyObject_GetAttr(pool, s_lock);
+    if (lock == NULL) {
+        return -1;
+    }
+    if (strcmp(Py_TYPE(lock)->tp_name, "_thread.lock") != 0) {
+        Py_DECREF(lock);
+        return 0;
+    }
+    held = PyObject_CallMethodNoArgs(lock, s_locked);
+    Py_DECREF(lock);
+    if (held == NULL) {
+        return -1;
+    }
+    quiet = held == Py_False;
+    Py_DECREF(held);
+    return quiet;
+#endif
+}
+
+static int
+attr_double(PyObject *obj, PyObject *name, double *out)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        return -1;
+    }
+    *out = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+PyDoc_STRVAR(pool_take_doc,
+"pool_take(pool) -> connection or None\n\n"
+"HostPool.acquire's common path: the idle connection used last, if it has\n"
+"been idle less than the pool's _check_after; None when acquire() must run.");
+
+static PyObject *
+pool_take(PyObject *Py_UNUSED(self), PyObject *pool)
+{
+    PyObject *idle = NULL, *conn = NULL, *sock;
+    Py_ssize_t n;
+    double since, check_after;
+    int quiet = pool_quiet(pool), connected;
+    if (quiet <= 0) {
+        return quiet < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    idle = PyObject_GetAttr(pool, s_idle);
+    if (idle == NULL) {
+        return NULL;
+    }
+    if (!PyList_CheckExact(idle) || (n = PyList_GET_SIZE(idle)) == 0) {
+        goto slow;
+    }
+    conn = Py_NewRef(PyList_GET_ITEM(idle, n - 1));
+    sock = PyObject_GetAttr(conn, s_sock);
+    if (sock == NULL) {
+        goto fail;
+    }
+    connected = sock != Py_None;
+    Py_DECREF(sock);
+    if (!connected) {
+        goto slow;
+    }
+    if (attr_double(conn, s_idle_since, &since) < 0 || attr_double(pool, s_check_after, &check_after) < 0) {
+        goto fail;
+    }
+    if (!(now() - since < check_after)) {
+        goto slow;
+    }
+    if (PyList_SetSlice(idle, n - 1, n, NULL) < 0) {
+        goto fail;
+    }
+    Py_DECREF(idle);
+    if (PyObject_SetAttr(conn, s_pooled, Py_False) < 0) {
+        Py_DECREF(conn);  /* out of the idle list: its slot is freed when it is collected */
+        return NULL;
+    }
+    return conn;
+slow:
+    Py_DECREF(idle);
+    Py_XDECREF(conn);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(idle);
+    Py_XDECREF(conn);
+    return NULL;
+}
+
+/* pool.attr + conn.attr into *sum (a new reference), or NULL in *sum when conn.attr is 0. */
+static int
+folded(PyObject *pool, PyObject *conn, PyObject *name, PyObject **sum)
+{
+    PyObject *mine, *total;
+    int nonzero;
+    *sum = NULL;
+    mine = PyObject_GetAttr(conn, name);
+    if (mine == NULL) {
+        return -1;
+    }
+    nonzero = PyObject_IsTrue(mine);
+    if (nonzero <= 0) {
+        Py_DECREF(mine);
+        return nonzero;
+    }
+    total = PyObject_GetAttr(pool, name);
+    if (total == NULL) {
+        Py_DECREF(mine);
+        return -1;
+    }
+    *sum = PyNumber_Add(total, mine);
+    Py_DECREF(total);
+    Py_DECREF(mine);
+    return *sum == NULL ? -1 : 0;
+}
+
+PyDoc_STRVAR(pool_give_doc,
+"pool_give(pool, connection) -> bool\n\n"
+"HostPool.release's common path: back on the idle list, its hits and\n"
+"misses added to the pool's. False (nothing done) when release() must run.");
+
+static PyObject *
+pool_give(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *pool, *conn, *mine = NULL, *theirs = NULL, *waiters = NULL, *idle = NULL;
+    PyObject *hits = NULL, *misses = NULL, *since = NULL, *zero = NULL;
+    int quiet, same, ok = 0;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pool_give(pool, connection)");
+        return NULL;
+    }
+    pool = args[0];
+    conn = args[1];
+    quiet = pool_quiet(pool);
+    if (quiet <= 0) {
+        return quiet < 0 ? NULL : Py_NewRef(Py_False);
+    }
+    /* Opened before a fork, or callers waiting: release() hands it on. */
+    if ((mine = PyObject_GetAttr(conn, s_pid)) == NULL || (theirs = PyObject_GetAttr(pool, s_pool_pid)) == NULL
+        || (same = PyObject_RichCompareBool(mine, theirs, Py_EQ)) < 0
+        || (waiters = PyObject_GetAttr(pool, s_waiters)) == NULL
+        || (idle = PyObject_GetAttr(pool, s_idle)) == NULL) {
+        goto done;
+    }
+    if (!same || !PyList_CheckExact(waiters) || PyList_GET_SIZE(waiters) != 0 || !PyList_CheckExact(idle)) {
+        ok = 1;
+        goto done;
+    }
+    /* What can fail first; then the changes, none of which allocates a container. */
+    if (folded(pool, conn, s_hits, &hits) < 0 || folded(pool, conn, s_misses, &misses) < 0
+        || (since = PyFloat_FromDouble(now())) == NULL || (zero = PyLong_FromLong(0)) == NULL
+        || PyList_Append(idle, conn) < 0) {
+        goto done;
+    }
+    if (PyObject_SetAttr(conn, s_reused, Py_True) < 0 || PyObject_SetAttr(conn, s_idle_since, since) < 0
+        || PyObject_SetAttr(conn, s_pooled, Py_True) < 0
+        || (hits != NULL && (PyObject_SetAttr(pool, s_hits, hits) < 0 || PyObject_SetAttr(conn, s_hits, zero) < 0))
+        || (misses != NULL && (PyObject_SetAttr(pool, s_misses, misses) < 0
+                               || PyObject_SetAttr(conn, s_misses, zero) < 0))) {
+        goto done;  /* on the idle list: given back all the same, as release() would have */
+    }
+    ok = 2;
+done:
+    Py_XDECREF(mine);
+    Py_XDECREF(theirs);
+    Py_XDECREF(waiters);
+    Py_XDECREF(idle);
+    Py_XDECREF(hits);
+    Py_XDECREF(misses);
+    Py_XDECREF(since);
+    Py_XDECREF(zero);
+    if (ok == 0) {
+        return NULL;
+    }
+    return Py_NewRef(ok == 2 ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"stale", stale, METH_O, stale_doc},
     {"exchange", exchange, METH_VARARGS, exchange_doc},
     {"exchange_many", exchange_many, METH_VARARGS, exchange_many_doc},
     {"choose", choose, METH_VARARGS, choose_doc},
     {"group", group, METH_VARARGS, group_doc},
+    {"pool_take", pool_take, METH_O, pool_take_doc},
+    {"pool_give", (PyCFunction)(void (*)(void))pool_give, METH_FASTCALL, pool_give_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1324,7 +1531,20 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    PyObject *m = PyModule_Create(&module);
+    PyObject *m;
+    struct { PyObject **slot; const char *name; } names[] = {
+        {&s_lock, "_lock"}, {&s_locked, "locked"}, {&s_idle, "_idle"}, {&s_waiters, "_waiters"},
+        {&s_check_after, "_check_after"}, {&s_pid, "pid"}, {&s_pool_pid, "_pid"}, {&s_sock, "sock"},
+        {&s_idle_since, "idle_since"}, {&s_pooled, "pooled"}, {&s_reused, "reused"},
+        {&s_hits, "hits"}, {&s_misses, "misses"},
+    };
+    size_t i;
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (*names[i].slot == NULL && (*names[i].slot = PyUnicode_InternFromString(names[i].name)) == NULL) {
+            return NULL;
+        }
+    }
+    m = PyModule_Create(&module);
     if (m == NULL) {
         return NULL;
     }

@@ -34,7 +34,7 @@ from djmemcache.exceptions import (
     PoolTimeout,
     ServerError,
 )
-from djmemcache.pool import HostPool
+from djmemcache.pool import HostPool, give_back, take_idle
 from djmemcache.serializer import CorruptValue, serializer_for
 from djmemcache.servers import Blacklist, Rendezvous
 
@@ -200,8 +200,9 @@ class Client:
                     return candidate, conn
             if index not in live:
                 index = random.choice(self._live())
+        pool = self.pools[index]
         try:
-            return index, self.pools[index].acquire()
+            return index, take_idle(pool) or pool.acquire()
         except Exception as exc:  # PoolTimeout is no fault of the server's
             if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
                 raise
@@ -230,7 +231,8 @@ class Client:
             if kind is None:
                 raise
             return self._recover(index, conn, command, exc, kind, retry, anywhere, method, args)
-        self.pools[index].release(conn)
+        pool = self.pools[index]
+        give_back(pool, conn) or pool.release(conn)
         return result
 
     def _recover(self, index, conn, command, exc, kind, retry, anywhere, method, args):
@@ -309,7 +311,8 @@ class Client:
                     # Off the list first: once given back it may be another
                     # caller's, even if release() is interrupted.
                     held.pop(0)
-                    self.pools[index].release(conn)
+                    pool = self.pools[index]
+                    give_back(pool, conn) or pool.release(conn)
                 results.append((batch, outcome))
         except BaseException:
             for index, conn, _batch, _token in held:
@@ -402,7 +405,7 @@ class Client:
             else:
                 pool = self.pools[index]
                 try:
-                    conn = pool.acquire()
+                    conn = take_idle(pool) or pool.acquire()
                 except Exception as exc:
                     if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
                         raise
@@ -416,7 +419,7 @@ class Client:
                         raise
                     raw = self._recover(index, conn, "get", exc, kind, True, False, Connection.get, (key,))
                 else:
-                    pool.release(conn)
+                    give_back(pool, conn) or pool.release(conn)
         except DjmemcacheError as exc:
             return self._failed(exc, "get", MISS)
         return MISS if raw is None else self._decode(key, raw)

@@ -272,6 +272,14 @@ class Connection:
         self._tls = False
         self._native = False  # round trips through _speedups (see connect)
         self._read_late_for = None  # the deadline of a command read at twice TIMEOUT (_recv)
+        # The pool's state, set here rather than left to the class: the pool's
+        # C path (_speedups.pool_give) then only replaces values, never adds
+        # an attribute (which could allocate a dict and run the collector).
+        self.reused = False
+        self.idle_since = 0.0
+        self.pid = None
+        self.pooled = False
+        self.hits = self.misses = 0
 
     def deadline(self):
         """When a command started now must be over (None: no TIMEOUT)."""

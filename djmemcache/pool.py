@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 
-from djmemcache.connection import Connection
+from djmemcache.connection import Connection, _load_speedups
 from djmemcache.exceptions import PoolTimeout
 
 logger = logging.getLogger("djmemcache.pool")
@@ -39,6 +39,25 @@ _now = time.monotonic
 #: Seconds of idleness after which a pooled connection is checked for a
 #: close by the server before it is used again.
 STALE_CHECK_AFTER = 0.001
+
+
+_speedups = _load_speedups()
+
+if _speedups is not None:
+    #: ``take_idle(pool)``: the common case of ``pool.acquire()`` in C, or
+    #: None when ``acquire()`` must run; ``give_back(pool, conn)``: the
+    #: common case of ``pool.release(conn)``, or False when ``release()``
+    #: must run. Callers write ``take_idle(pool) or pool.acquire()`` and
+    #: ``give_back(pool, conn) or pool.release(conn)``. See _speedups.c for
+    #: why that needs no lock.
+    take_idle = _speedups.pool_take
+    give_back = _speedups.pool_give
+else:
+    def take_idle(pool):
+        return None
+
+    def give_back(pool, conn):
+        return False
 
 
 class HostPool:

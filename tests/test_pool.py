@@ -7,8 +7,9 @@ import time
 import pytest
 
 from djmemcache import PoolTimeout, ServerError
+from djmemcache import pool as pool_module
 from djmemcache.options import parse_options
-from djmemcache.pool import HostPool
+from djmemcache.pool import HostPool, give_back, take_idle
 
 from helpers import run_threads
 
@@ -210,3 +211,130 @@ def test_no_delay_option_sets_tcp_nodelay(mc1, no_delay, expected):
         assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == expected
     finally:
         pool.discard(conn)
+
+
+# -- the common path in C (_speedups.pool_take / pool_give) -----------------
+
+native_pool = pytest.mark.skipif(pool_module._speedups is None, reason="djmemcache._speedups is not built")
+
+
+def _taken(pool):
+    """As the client takes a connection."""
+    return take_idle(pool) or pool.acquire()
+
+
+def _given(pool, conn):
+    """As the client gives one back."""
+    give_back(pool, conn) or pool.release(conn)
+
+
+def test_the_clients_way_of_taking_and_giving_back_reuses_lifo_and_counts_like_release(mc1):
+    pool = _pool(mc1.location)
+    a, b = _taken(pool), _taken(pool)
+    assert a.get("k") is None and b.get("k") is None and b.get("k2") is None
+    _given(pool, a)
+    _given(pool, b)
+    assert a.pooled and b.pooled and a.reused and b.reused
+    assert (a.hits, a.misses, b.hits, b.misses) == (0, 0, 0, 0)
+    assert pool.counters()["misses"] == 3
+    assert pool.status() == {"in_use": 0, "idle": 2, "opened": 2}
+    assert _taken(pool) is b and not b.pooled
+    assert _taken(pool) is a and not a.pooled
+    for conn in (a, b):
+        pool.discard(conn)
+    assert pool.status() == {"in_use": 0, "idle": 0, "opened": 2}
+
+
+@native_pool
+def test_c_common_path_steps_aside_while_any_thread_is_inside_the_pool_lock(mc1):
+    pool = _pool(mc1.location)
+    conn = pool.acquire()
+    with pool._lock:
+        assert give_back(pool, conn) is False
+        assert not conn.pooled and not pool._idle
+    assert give_back(pool, conn) is True and conn.pooled
+    with pool._lock:
+        assert take_idle(pool) is None
+    assert take_idle(pool) is conn and not conn.pooled
+    # Another kind of lock (gevent's, a subclass's): always the Python path.
+    pool._lock = threading.RLock()
+    assert give_back(pool, conn) is False and take_idle(pool) is None
+    pool.release(conn)
+    assert pool.acquire() is conn
+    pool.discard(conn)
+
+
+@native_pool
+def test_c_common_path_leaves_waiters_forked_and_idle_or_closed_connections_to_python(mc1):
+    pool = _pool(mc1.location, MAX_POOL_SIZE=1, POOL_TIMEOUT=5)
+    conn = pool.acquire()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not pool._waiters and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert give_back(pool, conn) is False  # someone waits: release() hands it over
+    pool.release(conn)
+    waiter.join(5)
+    assert got == [conn]
+
+    conn.pid = -1  # as if opened before a fork
+    assert give_back(pool, conn) is False
+    conn.pid = os.getpid()
+    assert give_back(pool, conn) is True
+
+    conn.idle_since -= 1.0  # idle a while: acquire() looks at it again first
+    assert take_idle(pool) is None and pool.acquire() is conn
+    pool.release(conn)
+    conn.close()  # closed while idle: acquire() reconnects it
+    assert take_idle(pool) is None
+    assert pool.acquire() is conn and conn.sock is not None and pool.opened == 2
+    pool.discard(conn)
+
+
+def test_the_clients_way_never_shares_a_connection_or_exceeds_the_bound_under_16_threads(mc1):
+    pool = _pool(mc1.location, MAX_POOL_SIZE=3, POOL_TIMEOUT=10)
+    busy = set()
+    lock = threading.Lock()
+    shared = []
+
+    def work(i):
+        for n in range(400):
+            conn = _taken(pool)
+            with lock:
+                if id(conn) in busy:
+                    shared.append(conn)
+                busy.add(id(conn))
+                peak = len(busy)
+            assert peak <= 3
+            conn.get("k")
+            with lock:
+                busy.discard(id(conn))
+            if n % 50 == i % 50:
+                pool.discard(conn)  # now and then a connection that failed
+            else:
+                _given(pool, conn)
+
+    assert run_threads(16, work) == []
+    assert shared == []
+    status = pool.status()
+    assert status["in_use"] == 0 and status["idle"] <= 3
+    pool.clear_idle()
+
+
+def test_a_busy_clients_gets_and_sets_take_the_common_path(make_cache, mc1, monkeypatch):
+    cache = make_cache(mc1.location)
+    cache.set("k", 1)
+    calls = []
+    acquire, release = HostPool.acquire, HostPool.release
+    monkeypatch.setattr(HostPool, "acquire", lambda self, *a: calls.append("a") or acquire(self, *a))
+    monkeypatch.setattr(HostPool, "release", lambda self, c: calls.append("r") or release(self, c))
+    for _ in range(200):
+        assert cache.get("k") == 1
+        cache.set("k", 1)
+    assert cache.get_many(["k", "k2"]) == {"k": 1}
+    if pool_module._speedups is None:
+        assert len(calls) == 2 * 401  # 200 gets, 200 sets, one get_many
+    else:
+        assert len(calls) < 100  # each a connection idle for a millisecond or more
