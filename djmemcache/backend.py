@@ -25,7 +25,10 @@ from django.core.exceptions import ImproperlyConfigured
 
 from djmemcache import stampede
 from djmemcache.client import EXPTIME_MAX, MISS, Client, client_for
+from djmemcache.connection import _load_speedups
 from djmemcache.options import MAX_KEY_LENGTH, parse_options
+
+_prefixed = getattr(_load_speedups(), "prefixed", None)
 
 _BAD_KEY_CHAR = re.compile(r"[\x00-\x20\x7f]")
 
@@ -199,7 +202,10 @@ class PyMemcacheCache(BaseMemcachedCache):
             head = "%s:%s:" % (self.key_prefix, self.version if version is None else version)
             # Django formats with %s: the same as + for an exact str, not for a
             # subclass with its own __str__ (an Enum's member), nor an int.
-            key_map = {head + key if type(key) is str else "%s%s" % (head, key): key for key in keys}
+            if _prefixed is not None:
+                key_map = _prefixed(head, keys)  # the same, in C
+            else:
+                key_map = {head + key if type(key) is str else "%s%s" % (head, key): key for key in keys}
         else:
             key_func, prefix = self.key_func, self.key_prefix
             version = self.version if version is None else version
@@ -237,8 +243,7 @@ class PyMemcacheCache(BaseMemcachedCache):
 
     def get_many(self, keys, version=None):
         key_map = self._made_keys(keys, version)
-        found = self.client.get_many(list(key_map))
-        return {key_map[k]: v for k, v in found.items()}
+        return self.client.get_many(list(key_map), key_map)
 
     def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
         key = self.make_and_validate_key(key, version=version)

@@ -424,7 +424,8 @@ class Client:
             return self._failed(exc, "get", MISS)
         return MISS if raw is None else self._decode(key, raw)
 
-    def get_many(self, keys):
+    def get_many(self, keys, names=None):
+        """``{key: value}`` of the keys found; with ``names``, ``{names[key]: value}``."""
         found = {}
         try:
             groups = self._group(keys)
@@ -442,7 +443,7 @@ class Client:
             # else (hits, misses) of the C path, whose values are already in raw
         if raw:
             # Decoded once for every server: one call, not one per server.
-            found, corrupt = self.serializer.loads_many(raw)
+            found, corrupt = self.serializer.loads_many(raw, names)
             for key, exc in corrupt:
                 _warn_unreadable(key, exc)
         return found

@@ -359,3 +359,33 @@ def test_get_many_makes_the_key_of_a_str_subclass_with_its_own_str_as_django_doe
     assert cache.get(Color.RED) == 1 and cache.get(Shown("k")) == 2
     assert cache.get_many([Color.RED, Shown("k"), 7]) == {Color.RED: 1, Shown("k"): 2, 7: 3}
     assert DjangoPyMemcacheCache(mc1.location, {}).make_key(Color.RED) == cache.make_and_validate_key(Color.RED)
+
+
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_get_many_makes_every_kind_of_key_alike_in_c_or_python(mc1, make_cache, monkeypatch, path):
+    """backend._made_keys makes a batch's keys in C (``_speedups.prefixed``)
+    or in Python: the same keys as ``make_and_validate_key``, from any iterable."""
+    import enum
+
+    from djmemcache import backend as backend_module
+
+    if path == "python":
+        monkeypatch.setattr(backend_module, "_prefixed", None)
+    elif backend_module._prefixed is None:
+        pytest.skip("djmemcache._speedups is not built")
+
+    class Color(str, enum.Enum):
+        RED = "red"
+
+    class Shown(str):
+        def __str__(self):
+            return "shown"
+
+    keys = ["plain", Color.RED, Shown("k"), 7, 2.5, "ünï", ("t",)]
+    cache = make_cache(mc1.location, {"ALLOW_UNICODE_KEYS": True})
+    expected = {cache.make_and_validate_key(key, version=3): key for key in keys}
+    assert cache._made_keys(keys, 3) == expected
+    assert cache._made_keys((key for key in keys), 3) == expected
+    assert cache._made_keys([], None) == {}
+    cache.set_many({key: str(key) for key in keys})
+    assert cache.get_many(iter(keys)) == {key: str(key) for key in keys}

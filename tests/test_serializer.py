@@ -172,3 +172,50 @@ def test_loads_many_decodes_each_item_once_whatever_the_others_hold():
     values, corrupt = serializer.loads_many(items)
     assert _CountsUnpickling.unpickled == 1
     assert values["z"] == "y" * 1000 and [key for key, _ in corrupt] == ["bad"]
+
+
+class _RaisesOnUnpickling:
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse():
+    raise RuntimeError("not a decoding error: the caller's code")
+
+
+@pytest.fixture(params=["c", "python"])
+def loop(request, monkeypatch):
+    """loads_many's loop in C (``_speedups.decode_many``) and in Python."""
+    from djmemcache import serializer as serializer_module
+
+    if request.param == "python":
+        monkeypatch.setattr(serializer_module, "_decode_many", None)
+    elif serializer_module._decode_many is None:
+        pytest.skip("djmemcache._speedups is not built")
+    return request.param
+
+
+def test_loads_many_loop_in_c_or_python_names_values_and_sets_corrupt_items_apart_alike(loop):
+    serializer = Serializer(compress_min_length=200)
+    items = {"k%d" % i: serializer.dumps("k%d" % i, value) for i, value in enumerate(VALUES)}
+    items["long"] = serializer.dumps("long", "z" * 1000)  # compressed: through loads()
+    items["bad pickle"] = (b"\x80\x05garbage", 1)
+    items["bad text"] = (b"\xff\xfe", 16)
+    items["bad int"] = (b"12x", 2)
+    items["unknown flags"] = (b"x", 1 << 12)
+    names = {key: ("name", key) for key in items}
+    values, corrupt = serializer.loads_many(items, names)
+    assert values == {("name", key): serializer.loads(key, *item) for key, item in items.items()
+                      if not key.startswith(("bad", "unknown"))}
+    assert sorted(key for key, _ in corrupt) == ["bad int", "bad pickle", "bad text", "unknown flags"]
+    assert all(isinstance(exc, CorruptValue) for _, exc in corrupt)
+    assert serializer.loads_many(items)[0] == {name[1]: value for name, value in values.items()}
+
+
+def test_loads_many_raises_what_is_no_decoding_error_in_c_or_python(loop):
+    """An unpickled class's own exception (or a signal handler's) is the
+    caller's: raised, not turned into a corrupt item."""
+    serializer = Serializer()
+    items = {"a": serializer.dumps("a", 1), "b": (pickle.dumps(_RaisesOnUnpickling()), 1)}
+    with pytest.raises(RuntimeError, match="the caller's code"):
+        serializer.loads_many(items)
