@@ -1320,10 +1320,44 @@ fail:
  * floats, a list), so no other thread runs meanwhile; and they act only when
  * the pool's lock is free, so no thread is part-way through the Python
  * path's bookkeeping either. Only with a plain _thread.lock, whose locked()
- * is C; a build without the GIL never takes this path. */
+ * is C, and only for exactly the classes pool.py registers (pool_types):
+ * a subclass's property or override would run Python code, another thread
+ * could run meanwhile, and one connection could go to two callers (so a
+ * property monkeypatched onto Connection itself would break this too). A
+ * build without the GIL never takes this path. */
 
 static PyObject *s_lock, *s_locked, *s_idle, *s_waiters, *s_check_after, *s_pid, *s_pool_pid;
 static PyObject *s_sock, *s_idle_since, *s_pooled, *s_reused, *s_hits, *s_misses;
+static PyObject *pool_type, *conn_type;  /* pool.HostPool and connection.Connection */
+
+PyDoc_STRVAR(pool_types_doc,
+"pool_types(pool_class, connection_class)\n\n"
+"The only classes pool_take and pool_give act on (pool.py registers them).");
+
+static PyObject *
+pool_types(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *pool_class, *conn_class;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &pool_class, &PyType_Type, &conn_class)) {
+        return NULL;
+    }
+    Py_XSETREF(pool_type, Py_NewRef(pool_class));
+    Py_XSETREF(conn_type, Py_NewRef(conn_class));
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(monotonic_doc,
+"monotonic() -> float\n\n"
+"The clock pool_give stamps connections with (CLOCK_MONOTONIC, as\n"
+"time.monotonic), for pool.py to read the same one: a test's fake clock\n"
+"(freezegun) replaces time.monotonic, and two clocks would make every\n"
+"idle time wrong.");
+
+static PyObject *
+monotonic(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored))
+{
+    return PyFloat_FromDouble(now());
+}
 
 /* 1 when no thread holds the pool's lock, 0 when the Python path must run. */
 static int
@@ -1377,7 +1411,11 @@ pool_take(PyObject *Py_UNUSED(self), PyObject *pool)
     PyObject *idle = NULL, *conn = NULL, *sock;
     Py_ssize_t n;
     double since, check_after;
-    int quiet = pool_quiet(pool), connected;
+    int quiet, connected;
+    if ((PyObject *)Py_TYPE(pool) != pool_type) {
+        Py_RETURN_NONE;
+    }
+    quiet = pool_quiet(pool);
     if (quiet <= 0) {
         return quiet < 0 ? NULL : Py_NewRef(Py_None);
     }
@@ -1389,6 +1427,9 @@ pool_take(PyObject *Py_UNUSED(self), PyObject *pool)
         goto slow;
     }
     conn = Py_NewRef(PyList_GET_ITEM(idle, n - 1));
+    if ((PyObject *)Py_TYPE(conn) != conn_type) {
+        goto slow;
+    }
     sock = PyObject_GetAttr(conn, s_sock);
     if (sock == NULL) {
         goto fail;
@@ -1402,6 +1443,10 @@ pool_take(PyObject *Py_UNUSED(self), PyObject *pool)
         goto fail;
     }
     if (!(now() - since < check_after)) {
+        goto slow;
+    }
+    /* Still the last one (nothing above ran Python code: a belt to those braces). */
+    if (PyList_GET_SIZE(idle) != n || PyList_GET_ITEM(idle, n - 1) != conn) {
         goto slow;
     }
     if (PyList_SetSlice(idle, n - 1, n, NULL) < 0) {
@@ -1467,6 +1512,9 @@ pool_give(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
     }
     pool = args[0];
     conn = args[1];
+    if ((PyObject *)Py_TYPE(pool) != pool_type || (PyObject *)Py_TYPE(conn) != conn_type) {
+        Py_RETURN_FALSE;
+    }
     quiet = pool_quiet(pool);
     if (quiet <= 0) {
         return quiet < 0 ? NULL : Py_NewRef(Py_False);
@@ -1677,6 +1725,8 @@ static PyMethodDef methods[] = {
     {"exchange_many", exchange_many, METH_VARARGS, exchange_many_doc},
     {"choose", choose, METH_VARARGS, choose_doc},
     {"group", group, METH_VARARGS, group_doc},
+    {"pool_types", pool_types, METH_VARARGS, pool_types_doc},
+    {"monotonic", monotonic, METH_NOARGS, monotonic_doc},
     {"pool_take", pool_take, METH_O, pool_take_doc},
     {"decode_many", decode_many, METH_VARARGS, decode_many_doc},
     {"prefixed", prefixed, METH_VARARGS, prefixed_doc},

@@ -34,14 +34,15 @@ logger = logging.getLogger("djmemcache.pool")
 
 
 _POOLS = weakref.WeakSet()
-_now = time.monotonic
+_speedups = _load_speedups()
+# The clock the C path stamps connections with (the same as time.monotonic,
+# but not replaced by a test's fake clock: two clocks would make idle times wrong).
+_now = time.monotonic if _speedups is None else _speedups.monotonic
 
 #: Seconds of idleness after which a pooled connection is checked for a
 #: close by the server before it is used again.
 STALE_CHECK_AFTER = 0.001
 
-
-_speedups = _load_speedups()
 
 if _speedups is not None:
     #: ``take_idle(pool)``: the common case of ``pool.acquire()`` in C, or
@@ -49,7 +50,9 @@ if _speedups is not None:
     #: common case of ``pool.release(conn)``, or False when ``release()``
     #: must run. Callers write ``take_idle(pool) or pool.acquire()`` and
     #: ``give_back(pool, conn) or pool.release(conn)``. See _speedups.c for
-    #: why that needs no lock.
+    #: why that needs no lock. Only for exactly ``HostPool`` and
+    #: ``Connection`` (registered below): a subclass's overrides of
+    #: ``acquire``/``release`` or its properties always take the Python path.
     take_idle = _speedups.pool_take
     give_back = _speedups.pool_give
 else:
@@ -343,3 +346,7 @@ def _after_fork_in_child():
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+if _speedups is not None:
+    _speedups.pool_types(HostPool, Connection)

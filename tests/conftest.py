@@ -45,10 +45,15 @@ def io_path(request, monkeypatch):
     """Run a test on both I/O paths: through ``djmemcache._speedups`` (C) and
     in pure Python (what runs without a compiler, under gevent, over TLS).
     Modules that test the wire use it with ``pytestmark``."""
-    from djmemcache import connection
+    from djmemcache import backend, client, connection, serializer
 
     if request.param == "python":
         monkeypatch.setattr(connection, "_speedups", None)
+        # and the rest of _speedups: the pool's common path, decoding, key making
+        monkeypatch.setattr(client, "take_idle", lambda pool: None)
+        monkeypatch.setattr(client, "give_back", lambda pool, conn: False)
+        monkeypatch.setattr(serializer, "_decode_many", None)
+        monkeypatch.setattr(backend, "_prefixed", None)
     elif connection._speedups is None:
         pytest.skip("djmemcache._speedups is not built (see tests/test_speedups.py)")
     return request.param

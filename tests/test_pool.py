@@ -338,3 +338,50 @@ def test_a_busy_clients_gets_and_sets_take_the_common_path(make_cache, mc1, monk
         assert len(calls) == 2 * 401  # 200 gets, 200 sets, one get_many
     else:
         assert len(calls) < 100  # each a connection idle for a millisecond or more
+
+
+@native_pool
+def test_c_common_path_never_acts_on_subclasses_whose_properties_would_run_python(mc1):
+    """A property runs Python code, another thread may run meanwhile, and the
+    C path's reasoning (nothing else runs) no longer holds: subclasses of
+    HostPool or Connection always take the Python path."""
+    from djmemcache.connection import Connection
+
+    class Traced(Connection):
+        @property
+        def idle_since(self):
+            time.sleep(0)  # lets another thread run
+            return self.__dict__.get("_since", 0.0)
+
+        @idle_since.setter
+        def idle_since(self, value):
+            self.__dict__["_since"] = value
+
+    opts = parse_options(mc1.location, {})
+    pool = HostPool(opts.servers[0], opts, connection_class=Traced)
+    conn = pool.acquire()
+    assert give_back(pool, conn) is False
+    pool.release(conn)
+    assert take_idle(pool) is None and pool.acquire() is conn
+    pool.discard(conn)
+
+    class Counting(HostPool):
+        def release(self, conn):
+            super().release(conn)
+
+    pool = Counting(opts.servers[0], opts)
+    conn = pool.acquire()
+    assert give_back(pool, conn) is False
+    pool.release(conn)
+    assert take_idle(pool) is None
+    pool.clear_idle()
+
+
+def test_the_pool_reads_the_clock_the_c_path_stamps_connections_with(mc1):
+    import time as time_module
+
+    if pool_module._speedups is None:
+        assert pool_module._now is time_module.monotonic
+    else:
+        assert pool_module._now is pool_module._speedups.monotonic
+        assert abs(pool_module._now() - time_module.monotonic()) < 0.01
