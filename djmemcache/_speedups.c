@@ -39,6 +39,11 @@
 #define MSG_NOSIGNAL 0
 #endif
 
+/* What the Python side expects of this build (connection._load_speedups
+ * checks it): bumped whenever a function is added or changes, so sources
+ * updated without a rebuild fall back to pure Python instead of failing. */
+#define API 2
+
 enum { MODE_GET = 0, MODE_LINES = 1 };
 enum { ST_SENDING, ST_READING, ST_DONE, ST_FAILED };
 /* Failure kinds, as returned to Python (connection.py maps them). */
@@ -1652,7 +1657,9 @@ decode_many(PyObject *Py_UNUSED(self), PyObject *args)
                 goto fail;
             }
         }
+        Py_INCREF(name);  /* held: hashing it may run Python code */
         stored = PyDict_SetItem(values, name, value);
+        Py_DECREF(name);
         Py_DECREF(value);
         if (stored < 0) {
             goto fail;
@@ -1686,16 +1693,18 @@ prefixed(PyObject *Py_UNUSED(self), PyObject *args)
     if (!PyArg_ParseTuple(args, "UO", &head, &keys)) {
         return NULL;
     }
-    seq = PySequence_Fast(keys, "keys must be iterable");
+    /* A tuple of its own: str() runs Python code, which (or another thread
+     * meanwhile) could change a caller's list under a borrowed item. */
+    seq = PySequence_Tuple(keys);
     if (seq == NULL) {
         return NULL;
     }
-    n = PySequence_Fast_GET_SIZE(seq);
+    n = PyTuple_GET_SIZE(seq);
     if ((made = PyDict_New()) == NULL) {
         goto fail;
     }
     for (i = 0; i < n; i++) {
-        PyObject *key = PySequence_Fast_GET_ITEM(seq, i), *text, *full;
+        PyObject *key = PyTuple_GET_ITEM(seq, i), *text, *full;
         int stored;
         if ((text = PyObject_Str(key)) == NULL) {
             goto fail;
@@ -1760,7 +1769,8 @@ PyInit__speedups(void)
     if (m == NULL) {
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "MODE_GET", MODE_GET) < 0
+    if (PyModule_AddIntConstant(m, "API", API) < 0
+        || PyModule_AddIntConstant(m, "MODE_GET", MODE_GET) < 0
         || PyModule_AddIntConstant(m, "MODE_LINES", MODE_LINES) < 0
         || PyModule_AddIntConstant(m, "F_ERRNO", F_ERRNO) < 0
         || PyModule_AddIntConstant(m, "F_CLOSED", F_CLOSED) < 0

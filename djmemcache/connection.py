@@ -34,6 +34,8 @@ closed by the pool, never reused.
 
 import ctypes
 import errno
+import functools
+import logging
 import math
 import os
 import re
@@ -43,6 +45,8 @@ import ssl
 import struct
 import sys
 import time
+
+_logger = logging.getLogger("djmemcache.connection")
 
 RECV_SIZE = 65536
 #: Longest reply line accepted ("VALUE <250-byte key> <flags> <length>" is under 300).
@@ -133,6 +137,11 @@ _RECV_NOW_LEN = _size_t(RECV_NOW_SIZE)
 _ONE_BYTE = _size_t(1)
 
 
+#: The ``API`` of the ``_speedups`` build these sources go with.
+SPEEDUPS_API = 2
+
+
+@functools.cache  # once per process: every module asks
 def _load_speedups():
     """``djmemcache._speedups`` (C, built by setup.py when a compiler is there),
     or None: not built, or DJMEMCACHE_PURE_PYTHON set (the test suite runs
@@ -142,6 +151,11 @@ def _load_speedups():
     try:
         from djmemcache import _speedups
     except ImportError:
+        return None
+    if getattr(_speedups, "API", None) != SPEEDUPS_API:
+        _logger.warning("djmemcache._speedups (%s) was built from other sources than this "
+                        "djmemcache's: running in pure Python; rebuild it (pip install .)",
+                        _speedups.__file__)
         return None
     return _speedups
 

@@ -236,7 +236,10 @@ class Serializer:
         rest = items
         if self._plain and _decode_many is not None:
             values, failed, rest = _decode_many(items, _PLAIN_DECODERS, _DECODING_ERRORS, names)
-            corrupt = [(key, _undecodable(flags, exc)) for key, flags, exc in failed]
+            # A CorruptValue (a ValueError) raised inside unpickling stays as
+            # it is, as the Python loop below keeps it.
+            corrupt = [(key, exc if isinstance(exc, CorruptValue) else _undecodable(flags, exc))
+                       for key, flags, exc in failed]
             if not rest:
                 return values, corrupt
         else:

@@ -219,3 +219,18 @@ def test_loads_many_raises_what_is_no_decoding_error_in_c_or_python(loop):
     items = {"a": serializer.dumps("a", 1), "b": (pickle.dumps(_RaisesOnUnpickling()), 1)}
     with pytest.raises(RuntimeError, match="the caller's code"):
         serializer.loads_many(items)
+
+
+class _RaisesCorruptValue:
+    def __reduce__(self):
+        return (_corrupt, ())
+
+
+def _corrupt():
+    raise CorruptValue("inner")
+
+
+def test_loads_many_keeps_a_corrupt_value_raised_inside_unpickling_as_it_is(loop):
+    serializer = Serializer()
+    values, corrupt = serializer.loads_many({"a": (pickle.dumps(_RaisesCorruptValue()), 1)})
+    assert values == {} and [(key, str(exc)) for key, exc in corrupt] == [("a", "inner")]

@@ -315,3 +315,31 @@ def test_a_count_that_does_not_match_the_command_is_refused_before_anything_is_s
     outcome = speedups.exchange(-1, b"touch k 0\r\n", connection._LINES, 2**62, False, None,
                                 None, 2**20, connection.MAX_LINE, 0.05)
     assert outcome[0] == speedups.F_ERRNO
+
+
+def test_a_build_from_other_sources_is_not_used_and_says_so(native_only, monkeypatch, caplog):
+    """Sources updated without rebuilding the extension: pure Python, and a
+    warning that says to rebuild, not an AttributeError at import."""
+    import logging
+
+    monkeypatch.setattr(connection._speedups, "API", connection.SPEEDUPS_API - 1)
+    with caplog.at_level(logging.WARNING, logger="djmemcache"):
+        assert connection._load_speedups.__wrapped__() is None
+    assert "rebuild" in caplog.text
+
+
+def test_making_keys_in_c_survives_a_key_whose_str_changes_the_list(native_only):
+    """str() of a key runs Python code: here it empties the caller's list
+    while C walks it (it walks a copy)."""
+    from djmemcache import backend
+
+    keys = []
+
+    class Shrinks:
+        def __str__(self):
+            keys.clear()
+            return "shrinks"
+
+    keys.extend([Shrinks(), "a", "b", "c"])
+    made = backend._prefixed(":1:", keys)
+    assert sorted(made) == [":1:a", ":1:b", ":1:c", ":1:shrinks"]
