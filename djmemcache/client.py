@@ -263,21 +263,23 @@ class Client:
         deadline = None
         results = []
         held = []  # [index, conn, batch, token] whose reply is still to be read
-        natives = 0
+        natives = []  # those of held that run through _speedups
         try:
             # Taking connections in server order: with bounded pools, two callers
             # taking them in opposite orders could each wait for the other forever.
             for index, batch in sorted(batches.items()) if len(batches) > 1 else batches.items():
-                try:
-                    index, conn = self._acquire(index, anywhere)
-                except DjmemcacheError as exc:
-                    results.append((batch, exc))
-                    continue
+                conn = None if anywhere else take_idle(self.pools[index])
+                if conn is None:
+                    try:
+                        index, conn = self._acquire(index, anywhere)
+                    except DjmemcacheError as exc:
+                        results.append((batch, exc))
+                        continue
                 entry = [index, conn, batch, None]
                 held.append(entry)
                 if native is not None and conn._native:
                     entry[3] = native[0](conn, batch)  # no I/O yet: see below
-                    natives += 1
+                    natives.append(entry)
                     continue
                 if timeout is not None:
                     # TIMEOUT runs from when a connection is in hand: a wait for a
@@ -292,11 +294,10 @@ class Client:
             if natives:
                 if timeout is not None:
                     deadline = time.monotonic() + timeout  # the latest: nothing of theirs is sent yet
-                outcomes = iter(exchange_many([entry[3] for entry in held if entry[1]._native],
-                                              deadline, timeout, self.max_value_size, into))
-                for entry in held:
-                    if entry[1]._native:
-                        entry[3] = next(outcomes)
+                outcomes = exchange_many([entry[3] for entry in natives], deadline, timeout,
+                                         self.max_value_size, into)
+                for entry, outcome in zip(natives, outcomes, strict=True):
+                    entry[3] = outcome
             while held:
                 index, conn, batch, token = held[0]
                 try:
