@@ -343,3 +343,23 @@ def test_making_keys_in_c_survives_a_key_whose_str_changes_the_list(native_only)
     keys.extend([Shrinks(), "a", "b", "c"])
     made = backend._prefixed(":1:", keys)
     assert sorted(made) == [":1:a", ":1:b", ":1:c", ":1:shrinks"]
+
+
+@pytest.mark.parametrize("timeout", [None, 2])
+def test_one_get_in_c_counts_its_hit_or_miss_with_or_without_timeout(native_only, mc1, make_cache, timeout):
+    """``_speedups.get`` is Connection.get's whole round trip: command,
+    deadline (none without TIMEOUT), the key replied checked, hit or miss counted."""
+    cache = make_cache(mc1.location, {"TIMEOUT": timeout, "KEY_PREFIX": "p\u00e9:"})
+    cache.set("k\u00e9", "v")
+    for _ in range(3):
+        assert cache.get("k\u00e9") == "v"
+        assert cache.get("nope") is None
+    stats = cache.stats()[0]
+    assert (stats["hits"], stats["misses"], stats["errors"]) == (3, 3, 0)
+    conn = cache.client.pools[0].acquire()
+    try:
+        with pytest.raises(UnicodeEncodeError):
+            conn.get("\ud800")  # never sent: the backend refuses such keys first
+        assert conn.get("nope") is None  # the connection is still in step
+    finally:
+        cache.client.pools[0].release(conn)
