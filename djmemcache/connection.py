@@ -285,6 +285,7 @@ class Connection:
         self._green = False
         self._tls = False
         self._native = False  # round trips through _speedups (see connect)
+        self._native_get = False
         self._read_late_for = None  # the deadline of a command read at twice TIMEOUT (_recv)
         # The pool's state, set here rather than left to the class: the pool's
         # C path (_speedups.pool_give) then only replaces values, never adds
@@ -343,6 +344,8 @@ class Connection:
         self._poller.register(sock, select.POLLIN)
         # gevent must wait in its hub, TLS bytes go through the SSL layer.
         self._native = _speedups is not None and not green and not self._tls
+        # _speedups.get computes the deadline itself: not for a subclass with its own.
+        self._native_get = self._native and type(self).deadline is Connection.deadline
         # Not for TLS: the bytes must go through the SSL layer.
         self._send_now = _send_without_releasing_gil is not None and not self._tls
         if _recv_without_releasing_gil is not None and not self._tls:
@@ -617,7 +620,7 @@ class Connection:
         arrives in one ``recv``, is parsed inline; anything else goes through
         the general reader with what was already read.
         """
-        if self._native:  # all of it in one C call, hit or miss counted
+        if self._native_get:  # all of it in one C call, hit or miss counted
             found = _speedups.get(self, key, MAX_LINE, BLOCKING_READ_MIN_TIMEOUT)
             if found is not None and len(found) == 3:
                 raise _native_failure(self, found)

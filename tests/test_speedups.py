@@ -363,3 +363,26 @@ def test_one_get_in_c_counts_its_hit_or_miss_with_or_without_timeout(native_only
         assert conn.get("nope") is None  # the connection is still in step
     finally:
         cache.client.pools[0].release(conn)
+
+
+def test_a_connection_class_with_its_own_deadline_keeps_it_for_a_get(native_only, fake_memcached):
+    """_speedups.get computes the deadline from TIMEOUT itself; a subclass
+    that decides its own deadline gets the Python get, which asks it."""
+    from djmemcache.options import parse_options
+
+    class Impatient(connection.Connection):
+        def deadline(self):
+            return time.monotonic() + 0.2
+
+    fake_memcached.reply(SILENCE)
+    opts = parse_options(fake_memcached.location, {"TIMEOUT": 3})
+    conn = Impatient(opts.servers[0], opts)
+    conn.connect()
+    try:
+        assert conn._native and not conn._native_get
+        started = time.monotonic()
+        with pytest.raises(connection.IOTimeout):
+            conn.get("k")
+        assert time.monotonic() - started < 1.5
+    finally:
+        conn.close()
