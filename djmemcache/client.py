@@ -268,13 +268,11 @@ class Client:
             # Taking connections in server order: with bounded pools, two callers
             # taking them in opposite orders could each wait for the other forever.
             for index, batch in sorted(batches.items()) if len(batches) > 1 else batches.items():
-                conn = None if anywhere else take_idle(self.pools[index])
-                if conn is None:
-                    try:
-                        index, conn = self._acquire(index, anywhere)
-                    except DjmemcacheError as exc:
-                        results.append((batch, exc))
-                        continue
+                try:
+                    index, conn = self._acquire(index, anywhere)
+                except DjmemcacheError as exc:
+                    results.append((batch, exc))
+                    continue
                 entry = [index, conn, batch, None]
                 held.append(entry)
                 if native is not None and conn._native:

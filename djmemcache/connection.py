@@ -260,13 +260,6 @@ def tls_context_for(options):
 class Connection:
     """A socket to one server; connected by the pool before first use."""
 
-    reused = False  # True once it has been back in the pool: a retry is only useful then
-    idle_since = 0.0
-    pid = None
-    pooled = False  # in its pool's idle list
-    hits = 0  # since it was last given back; the pool adds these to its counters
-    misses = 0
-
     def __init__(self, server, options, tls_context=None):
         self.server = server
         self.timeout = options.timeout
@@ -287,14 +280,14 @@ class Connection:
         self._native = False  # round trips through _speedups (see connect)
         self._native_get = False
         self._read_late_for = None  # the deadline of a command read at twice TIMEOUT (_recv)
-        # The pool's state, set here rather than left to the class: the pool's
-        # C path (_speedups.pool_give) then only replaces values, never adds
-        # an attribute (which could allocate a dict and run the collector).
-        self.reused = False
+        # The pool's state, all set here: the pool's C path (_speedups.pool_give)
+        # then only replaces values, never adds an attribute (which could
+        # allocate a dict and run the collector).
+        self.reused = False  # True once it has been back in the pool: a retry is only useful then
         self.idle_since = 0.0
         self.pid = None
-        self.pooled = False
-        self.hits = self.misses = 0
+        self.pooled = False  # in its pool's idle list
+        self.hits = self.misses = 0  # since it was last given back; the pool adds these to its counters
 
     def deadline(self):
         """When a command started now must be over (None: no TIMEOUT)."""
@@ -559,16 +552,16 @@ class Connection:
             _wait(self.sock, select.POLLIN, deadline, False, self._poller)
         return self._recv(deadline)
 
-    def _exchange(self, command, mode, deadline):
-        """Send ``command`` and read its reply of one item (``_GET``: a value
-        or none) or one line (``_LINES``) in one ``_speedups`` call; raise
-        its failure as the Python path would."""
-        outcome = _speedups.exchange(self._fd, command, mode, 1, self._first_read_blocks, deadline,
+    def _exchange_line(self, command, deadline):
+        """Send ``command`` and read its one reply line in one ``_speedups``
+        call (``get`` has ``_speedups.get``); raise its failure as the Python
+        path would."""
+        outcome = _speedups.exchange(self._fd, command, _LINES, 1, self._first_read_blocks, deadline,
                                      self.timeout, self.max_value_size, MAX_LINE,
                                      BLOCKING_READ_MIN_TIMEOUT)
         if type(outcome) is not list:
             raise _native_failure(self, outcome)
-        return outcome
+        return outcome[0]
 
     def _read_line(self, deadline):
         """One reply line, without its CRLF."""
@@ -782,7 +775,7 @@ class Connection:
         request = b"%s %s %d %d %d\r\n%s\r\n" % (
             command, self.key_prefix + key.encode("utf-8"), flags, expire, len(data), data)
         if self._native:
-            (line,) = self._exchange(request, _LINES, deadline)
+            line = self._exchange_line(request, deadline)
             return None if line == b"STORED" else _store_outcome(line)
         self._send(request, deadline)
         line = self._recv_first(deadline)
@@ -845,8 +838,7 @@ class Connection:
     def _one_line(self, command):
         deadline = self.deadline()
         if self._native:
-            (line,) = self._exchange(command, _LINES, deadline)
-            return line
+            return self._exchange_line(command, deadline)
         self._send(command, deadline)
         (line,) = self._read_lines(1, deadline)
         return line
@@ -975,7 +967,6 @@ class Connection:
 
 #: memcached's reply line to ``mg <key> v f c t R<n>``: length, flags, CAS
 #: value, time to live, then W, Z or X (any order, each at most once).
-_GET = getattr(_speedups, "MODE_GET", 0)
 _LINES = getattr(_speedups, "MODE_LINES", 1)
 
 

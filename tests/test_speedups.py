@@ -249,7 +249,7 @@ def test_a_socket_that_does_not_block_is_waited_for_in_poll_not_spun_on(native_o
     try:
         before = resource.getrusage(resource.RUSAGE_THREAD)
         outcome = connection._speedups.exchange(
-            sock.fileno(), b"get k\r\n", connection._GET, 1, True, time.monotonic() + 0.5, 0.5,
+            sock.fileno(), b"get k\r\n", connection._speedups.MODE_GET, 1, True, time.monotonic() + 0.5, 0.5,
             2**20, connection.MAX_LINE, connection.BLOCKING_READ_MIN_TIMEOUT)
         after = resource.getrusage(resource.RUSAGE_THREAD)
     finally:
@@ -300,10 +300,10 @@ def test_a_count_that_does_not_match_the_command_is_refused_before_anything_is_s
     speedups = connection._speedups
     for count in (2, 2**58 + 1, 2**62):
         with pytest.raises(ValueError):
-            speedups.exchange(-1, b"get k\r\n", connection._GET, count, False, None, None,
+            speedups.exchange(-1, b"get k\r\n", connection._speedups.MODE_GET, count, False, None, None,
                               2**20, connection.MAX_LINE, 0.05)
     with pytest.raises(TypeError):
-        speedups.exchange_many([[-1, b"get k\r\n", connection._GET, 1, False]], None, None,
+        speedups.exchange_many([[-1, b"get k\r\n", connection._speedups.MODE_GET, 1, False]], None, None,
                                2**20, connection.MAX_LINE, 0.05)
     for max_value, max_line in ((2**20, 0), (-1, 4096)):  # max_line divides
         with pytest.raises(ValueError):
