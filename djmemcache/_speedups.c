@@ -42,7 +42,7 @@
 /* What the Python side expects of this build (connection._load_speedups
  * checks it): bumped whenever a function is added or changes, so sources
  * updated without a rebuild fall back to pure Python instead of failing. */
-#define API 3
+#define API 4
 
 enum { MODE_GET = 0, MODE_LINES = 1 };
 enum { ST_SENDING, ST_READING, ST_DONE, ST_FAILED };
@@ -1333,6 +1333,8 @@ fail:
 
 static PyObject *s_lock, *s_locked, *s_idle, *s_waiters, *s_check_after, *s_pid, *s_pool_pid;
 static PyObject *s_sock, *s_idle_since, *s_pooled, *s_reused, *s_hits, *s_misses;
+static PyObject *s_key_prefix, *s_fd, *s_timeout, *s_max_value_size, *s_first_read_blocks, *one;
+static PyObject *s_native, *s_discard, *s_release, *s_idle_timeout;
 static PyObject *pool_type, *conn_type;  /* pool.HostPool and connection.Connection */
 
 PyDoc_STRVAR(pool_types_doc,
@@ -1405,17 +1407,128 @@ attr_double(PyObject *obj, PyObject *name, double *out)
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* A connection's socket (its _fd), or -1 with an exception. */
+static int
+conn_fd(PyObject *conn, int *fd)
+{
+    PyObject *attr = PyObject_GetAttr(conn, s_fd);
+    long value;
+    if (attr == NULL) {
+        return -1;
+    }
+    value = PyLong_AsLong(attr);
+    Py_DECREF(attr);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (value < INT_MIN || value > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "fd out of range");
+        return -1;
+    }
+    *fd = (int)value;
+    return 0;
+}
+
+/* What a round trip on a connection needs of it: its socket, key prefix
+ * (a new reference) and whether its first read may block. */
+static int
+conn_io(PyObject *conn, int *fd, PyObject **prefix, int *blocks)
+{
+    PyObject *attr;
+    if (conn_fd(conn, fd) < 0 || (attr = PyObject_GetAttr(conn, s_first_read_blocks)) == NULL) {
+        return -1;
+    }
+    *blocks = PyObject_IsTrue(attr);
+    Py_DECREF(attr);
+    if (*blocks < 0 || (*prefix = PyObject_GetAttr(conn, s_key_prefix)) == NULL) {
+        return -1;
+    }
+    if (!PyBytes_Check(*prefix)) {
+        Py_CLEAR(*prefix);
+        PyErr_SetString(PyExc_TypeError, "key_prefix must be bytes");
+        return -1;
+    }
+    return 0;
+}
+
+/* A connection's MAX_VALUE_SIZE and TIMEOUT (*timeout -1.0 for None). */
+static int
+conn_limits(PyObject *conn, Py_ssize_t max_line, Py_ssize_t *max_value, double *timeout)
+{
+    PyObject *attr = PyObject_GetAttr(conn, s_max_value_size);
+    if (attr == NULL) {
+        return -1;
+    }
+    *max_value = PyLong_AsSsize_t(attr);
+    Py_DECREF(attr);
+    if ((*max_value == -1 && PyErr_Occurred()) || check_limits(*max_value, max_line) < 0
+        || (attr = PyObject_GetAttr(conn, s_timeout)) == NULL) {
+        return -1;
+    }
+    *timeout = deadline_arg(attr);
+    Py_DECREF(attr);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* 1 when conn, idle for `idle` seconds, may be used after one look at its
+ * socket (nothing to read: not closed by the server); 0 when the pool's
+ * Python path must look at it (and reconnect it). */
+static int
+idle_peek(PyObject *pool, PyObject *conn, double idle)
+{
+    PyObject *attr;
+    int native, limited;
+    double limit = 0.0;
+    int fd;
+    char byte;
+    ssize_t got;
+    if ((attr = PyObject_GetAttr(conn, s_native)) == NULL) {
+        return -1;
+    }
+    native = PyObject_IsTrue(attr);
+    Py_DECREF(attr);
+    if (native <= 0) {
+        return native;
+    }
+    if ((attr = PyObject_GetAttr(pool, s_idle_timeout)) == NULL) {
+        return -1;
+    }
+    limited = PyObject_IsTrue(attr);
+    if (limited > 0) {
+        limit = PyFloat_AsDouble(attr);
+        if (limit == -1.0 && PyErr_Occurred()) {
+            limited = -1;
+        }
+    }
+    Py_DECREF(attr);
+    if (limited < 0) {
+        return -1;
+    }
+    if (limited && !(idle <= limit)) {
+        return 0;
+    }
+    if (conn_fd(conn, &fd) < 0) {
+        return -1;
+    }
+    do {  /* as stale() */
+        got = recv(fd, &byte, 1, MSG_DONTWAIT | MSG_PEEK);
+    } while (got < 0 && errno == EINTR);
+    return got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+}
+
 PyDoc_STRVAR(pool_take_doc,
 "pool_take(pool) -> connection or None\n\n"
 "HostPool.acquire's common path: the idle connection used last, if it has\n"
-"been idle less than the pool's _check_after; None when acquire() must run.");
+"been idle less than the pool's _check_after, or longer but one look at\n"
+"its socket finds it open (through this module, within IDLE_TIMEOUT);\n"
+"None when acquire() must run.");
 
 static PyObject *
-pool_take(PyObject *Py_UNUSED(self), PyObject *pool)
+take_conn(PyObject *pool)
 {
     PyObject *idle = NULL, *conn = NULL, *sock;
     Py_ssize_t n;
-    double since, check_after;
+    double since, check_after, idle_for;
     int quiet, connected;
     if ((PyObject *)Py_TYPE(pool) != pool_type) {
         Py_RETURN_NONE;
@@ -1447,8 +1560,18 @@ pool_take(PyObject *Py_UNUSED(self), PyObject *pool)
     if (attr_double(conn, s_idle_since, &since) < 0 || attr_double(pool, s_check_after, &check_after) < 0) {
         goto fail;
     }
-    if (!(now() - since < check_after)) {
-        goto slow;
+    idle_for = now() - since;
+    if (!(idle_for < check_after)) {
+        /* Idle a while: the server may have closed it. HostPool._refresh's
+         * look, when it is one peek (a connection through this module, and
+         * no IDLE_TIMEOUT it has outlived); a closed one goes to Python. */
+        int looks = idle_peek(pool, conn, idle_for);
+        if (looks < 0) {
+            goto fail;
+        }
+        if (!looks) {
+            goto slow;
+        }
     }
     /* Still the last one (nothing above ran Python code: a belt to those braces). */
     if (PyList_GET_SIZE(idle) != n || PyList_GET_ITEM(idle, n - 1) != conn) {
@@ -1471,6 +1594,12 @@ fail:
     Py_DECREF(idle);
     Py_XDECREF(conn);
     return NULL;
+}
+
+static PyObject *
+pool_take(PyObject *Py_UNUSED(self), PyObject *pool)
+{
+    return take_conn(pool);
 }
 
 /* pool.attr + conn.attr into *sum (a new reference), or NULL in *sum when conn.attr is 0. */
@@ -1505,24 +1634,20 @@ PyDoc_STRVAR(pool_give_doc,
 "HostPool.release's common path: back on the idle list, its hits and\n"
 "misses added to the pool's. False (nothing done) when release() must run.");
 
-static PyObject *
-pool_give(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+/* 1: given back; 0: nothing done, release() must run; -1: an error (the
+ * connection may be on the idle list all the same, as after release()). */
+static int
+give_conn(PyObject *pool, PyObject *conn)
 {
-    PyObject *pool, *conn, *mine = NULL, *theirs = NULL, *waiters = NULL, *idle = NULL;
+    PyObject *mine = NULL, *theirs = NULL, *waiters = NULL, *idle = NULL;
     PyObject *hits = NULL, *misses = NULL, *since = NULL, *zero = NULL;
     int quiet, same, ok = 0;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "pool_give(pool, connection)");
-        return NULL;
-    }
-    pool = args[0];
-    conn = args[1];
     if ((PyObject *)Py_TYPE(pool) != pool_type || (PyObject *)Py_TYPE(conn) != conn_type) {
-        Py_RETURN_FALSE;
+        return 0;
     }
     quiet = pool_quiet(pool);
     if (quiet <= 0) {
-        return quiet < 0 ? NULL : Py_NewRef(Py_False);
+        return quiet;
     }
     /* Opened before a fork, or callers waiting: release() hands it on. */
     if ((mine = PyObject_GetAttr(conn, s_pid)) == NULL || (theirs = PyObject_GetAttr(pool, s_pool_pid)) == NULL
@@ -1558,10 +1683,22 @@ done:
     Py_XDECREF(misses);
     Py_XDECREF(since);
     Py_XDECREF(zero);
-    if (ok == 0) {
+    return ok - 1;
+}
+
+static PyObject *
+pool_give(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    int given;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pool_give(pool, connection)");
         return NULL;
     }
-    return Py_NewRef(ok == 2 ? Py_True : Py_False);
+    given = give_conn(args[0], args[1]);
+    if (given < 0) {
+        return NULL;
+    }
+    return Py_NewRef(given ? Py_True : Py_False);
 }
 
 /* -- Decoding a multi-key reply --------------------------------------------
@@ -1736,17 +1873,17 @@ fail:
  * and the hit or miss counted, in one call (Connection.get, _exchange and
  * deadline were about 75 bytecodes a get under the GIL; issue 11). */
 
-static PyObject *s_key_prefix, *s_fd, *s_timeout, *s_max_value_size, *s_first_read_blocks, *one;
 
+/* conn.name += count */
 static int
-count_one(PyObject *conn, PyObject *name)
+add_count(PyObject *conn, PyObject *name, PyObject *count)
 {
     PyObject *before = PyObject_GetAttr(conn, name), *after;
     int done;
     if (before == NULL) {
         return -1;
     }
-    after = PyNumber_Add(before, one);
+    after = PyNumber_Add(before, count);
     Py_DECREF(before);
     if (after == NULL) {
         return -1;
@@ -1765,60 +1902,24 @@ PyDoc_STRVAR(get_doc,
 static PyObject *
 get_one(PyObject *Py_UNUSED(self), PyObject *args)
 {
-    PyObject *conn_obj, *key, *prefix = NULL, *attr = NULL, *timeout_o = NULL, *command = NULL;
+    PyObject *conn_obj, *key, *prefix = NULL, *command = NULL;
     PyObject *found = NULL, *result = NULL;
     Py_ssize_t max_line, max_value, key_len, prefix_len;
     const char *key_utf8;
     char *out;
     double min_blocking, timeout, deadline;
-    long fd;
-    int blocks;
+    int fd, blocks;
     conn_t conn;
     if (!PyArg_ParseTuple(args, "OUnd", &conn_obj, &key, &max_line, &min_blocking)) {
         return NULL;
     }
     if ((key_utf8 = PyUnicode_AsUTF8AndSize(key, &key_len)) == NULL
-        || (prefix = PyObject_GetAttr(conn_obj, s_key_prefix)) == NULL) {
-        return NULL;
-    }
-    if (!PyBytes_Check(prefix)) {
-        PyErr_SetString(PyExc_TypeError, "key_prefix must be bytes");
+        || conn_io(conn_obj, &fd, &prefix, &blocks) < 0
+        || conn_limits(conn_obj, max_line, &max_value, &timeout) < 0) {
         goto done;
     }
     prefix_len = PyBytes_GET_SIZE(prefix);
-    if ((attr = PyObject_GetAttr(conn_obj, s_fd)) == NULL) {
-        goto done;
-    }
-    fd = PyLong_AsLong(attr);
-    Py_CLEAR(attr);
-    if (fd == -1 && PyErr_Occurred()) {
-        goto done;
-    }
-    if (fd < INT_MIN || fd > INT_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "fd out of range");
-        goto done;
-    }
-    if ((attr = PyObject_GetAttr(conn_obj, s_max_value_size)) == NULL) {
-        goto done;
-    }
-    max_value = PyLong_AsSsize_t(attr);
-    Py_CLEAR(attr);
-    if ((max_value == -1 && PyErr_Occurred()) || check_limits(max_value, max_line) < 0) {
-        goto done;
-    }
-    if ((attr = PyObject_GetAttr(conn_obj, s_first_read_blocks)) == NULL
-        || (blocks = PyObject_IsTrue(attr)) < 0) {
-        goto done;
-    }
-    Py_CLEAR(attr);
-    if ((timeout_o = PyObject_GetAttr(conn_obj, s_timeout)) == NULL) {
-        goto done;
-    }
-    timeout = deadline_arg(timeout_o);
-    if (PyErr_Occurred()) {
-        goto done;
-    }
-    deadline = timeout_o == Py_None ? -1.0 : now() + timeout;  /* Connection.deadline */
+    deadline = timeout < 0 ? -1.0 : now() + timeout;  /* Connection.deadline */
     if ((command = PyBytes_FromStringAndSize(NULL, 4 + prefix_len + key_len + 2)) == NULL) {
         goto done;
     }
@@ -1827,7 +1928,7 @@ get_one(PyObject *Py_UNUSED(self), PyObject *args)
     memcpy(out + 4, PyBytes_AS_STRING(prefix), (size_t)prefix_len);
     memcpy(out + 4 + prefix_len, key_utf8, (size_t)key_len);
     memcpy(out + 4 + prefix_len + key_len, "\r\n", 2);
-    if (init_conn(&conn, (int)fd, command, MODE_GET, 1, blocks) < 0) {
+    if (init_conn(&conn, fd, command, MODE_GET, 1, blocks) < 0) {
         free_conns(&conn, 1);
         goto done;
     }
@@ -1843,7 +1944,7 @@ get_one(PyObject *Py_UNUSED(self), PyObject *args)
         result = Py_NewRef(found);  /* a failure */
     }
     else if (PyList_GET_SIZE(found) == 0) {
-        if (count_one(conn_obj, s_misses) == 0) {
+        if (add_count(conn_obj, s_misses, one) == 0) {
             result = Py_NewRef(Py_None);
         }
     }
@@ -1856,16 +1957,226 @@ get_one(PyObject *Py_UNUSED(self), PyObject *args)
             /* init_keys already refuses any other key: a belt to those braces. */
             result = Py_BuildValue("(iis)", F_PROTOCOL, 0, "reply for a key not asked for");
         }
-        else if (count_one(conn_obj, s_hits) == 0) {
+        else if (add_count(conn_obj, s_hits, one) == 0) {
             result = PyTuple_Pack(2, PyTuple_GET_ITEM(item, 2), PyTuple_GET_ITEM(item, 1));
         }
     }
 done:
     Py_XDECREF(prefix);
-    Py_XDECREF(attr);
-    Py_XDECREF(timeout_o);
     Py_XDECREF(command);
     Py_XDECREF(found);
+    return result;
+}
+
+/* -- A pipelined get_many from the pools, in one call ----------------------
+ *
+ * Client.get_many's common path (issue 11, seventh round): what _pipeline
+ * does for a get over several servers when every server's pool has an idle
+ * connection to give (pool_take) and each runs through this module. In
+ * Python that was about 250 bytecodes a server, under the GIL. Anything
+ * else returns None with nothing taken and the caller runs _pipeline. */
+
+typedef struct {
+    PyObject *pool, *conn, *index, *keys;  /* the pool borrowed (pools holds it) */
+    int held;  /* checked out by this call: discarded on the way out */
+} taken_t;
+
+/* Discard every connection still held (pool.discard), keeping the error
+ * being raised: a connection that saw any exception is never reused. */
+static void
+discard_held(taken_t *taken, Py_ssize_t n)
+{
+    Py_ssize_t i;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+#endif
+    for (i = 0; i < n; i++) {
+        if (taken[i].held) {
+            PyObject *done = PyObject_CallMethodOneArg(taken[i].pool, s_discard, taken[i].conn);
+            taken[i].held = 0;
+            if (done == NULL) {
+                PyErr_WriteUnraisable(taken[i].pool);
+            }
+            Py_XDECREF(done);
+        }
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(type, value, tb);
+#endif
+}
+
+/* Give back a connection that answered: pool_give, or release() when the
+ * pool's state asks for the Python path. */
+static int
+give_or_release(PyObject *pool, PyObject *conn)
+{
+    PyObject *done;
+    int given = give_conn(pool, conn);
+    if (given != 0) {
+        return given < 0 ? -1 : 0;
+    }
+    done = PyObject_CallMethodOneArg(pool, s_release, conn);
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
+PyDoc_STRVAR(get_pooled_doc,
+"get_pooled(pools, groups, max_line, min_blocking, into) -> failures or None\n\n"
+"Client.get_many's common path. groups maps a server's index in pools to\n"
+"its keys (str). Takes an idle connection from each pool as pool_take does;\n"
+"None, with nothing taken, when a pool has none to give this way or one\n"
+"does not run through this module (the caller runs the Python path).\n"
+"Else sends every server its get and reads every reply in one release of\n"
+"the GIL, within one TIMEOUT (the connections'), puts key: (data, flags)\n"
+"in into, counts hits and misses, and gives back each connection that\n"
+"answered. Returns [(index, connection, keys, failure)] of the servers that\n"
+"failed: their connections are the caller's to discard. Whatever it\n"
+"raises, every connection it took and did not give back is discarded.");
+
+static PyObject *
+get_pooled(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *pools, *groups, *into, *index, *keys, *attr = NULL;
+    PyObject *result = NULL, *failures = NULL;
+    Py_ssize_t max_line, max_value = 0, n, i = 0, pos = 0;
+    double min_blocking, timeout = -1.0, deadline = -1.0;
+    taken_t *taken;
+    conn_t *conns;
+    if (!PyArg_ParseTuple(args, "OO!ndO!", &pools, &PyDict_Type, &groups,
+                          &max_line, &min_blocking, &PyDict_Type, &into)) {
+        return NULL;
+    }
+    if (!PyList_Check(pools) && !PyTuple_Check(pools)) {
+        PyErr_SetString(PyExc_TypeError, "pools must be a list or tuple");
+        return NULL;
+    }
+    n = PyDict_GET_SIZE(groups);
+    if (n == 0) {
+        return PyList_New(0);
+    }
+    taken = PyMem_Calloc((size_t)n, sizeof(taken_t));
+    conns = PyMem_Calloc((size_t)n, sizeof(conn_t));
+    if (taken == NULL || conns == NULL) {
+        PyMem_Free(taken);
+        PyMem_Free(conns);
+        return PyErr_NoMemory();
+    }
+    /* Take: no Python code runs (see pool_take), so no other thread either,
+     * and a connection taken can be put back as it was. */
+    while (PyDict_Next(groups, &pos, &index, &keys)) {
+        Py_ssize_t at = PyLong_Check(index) ? PyLong_AsSsize_t(index) : -1;
+        PyObject *pool, *conn;
+        int native;
+        if (at < 0 || at >= PySequence_Fast_GET_SIZE(pools)) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_IndexError, "a group's index is not a server's");
+            }
+            goto fail;
+        }
+        pool = PySequence_Fast_GET_ITEM(pools, at);
+        conn = take_conn(pool);
+        if (conn == NULL) {
+            goto fail;
+        }
+        if (conn == Py_None) {
+            Py_DECREF(conn);
+            goto fallback;
+        }
+        taken[i] = (taken_t){pool, conn, Py_NewRef(index), Py_NewRef(keys), 1};
+        i++;
+        if ((attr = PyObject_GetAttr(conn, s_native)) == NULL || (native = PyObject_IsTrue(attr)) < 0) {
+            goto fail;
+        }
+        Py_CLEAR(attr);
+        if (!native) {
+            goto fallback;
+        }
+    }
+    /* The requests, as Connection.get_many_request gives them. */
+    if (conn_limits(taken[0].conn, max_line, &max_value, &timeout) < 0) {
+        goto fail;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *prefix;
+        int fd, blocks, made;
+        if (conn_io(taken[i].conn, &fd, &prefix, &blocks) < 0) {
+            goto fail;
+        }
+        made = init_get_keys(&conns[i], fd, prefix, taken[i].keys, blocks);
+        Py_DECREF(prefix);
+        if (made < 0) {
+            goto fail;
+        }
+    }
+    /* TIMEOUT runs from when every connection is in hand (as in _pipeline). */
+    if (timeout >= 0) {
+        deadline = now() + timeout;
+    }
+    /* Each conns[i] holds its command; groups holds the keys. */
+    if (run(conns, n, deadline, timeout, max_value, max_line, min_blocking) < 0
+        || (failures = PyList_New(0)) == NULL) {
+        goto fail;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *one = outcome(&conns[i], into);
+        if (one == NULL) {
+            goto fail;
+        }
+        if (PyTuple_GET_SIZE(one) == 2) {
+            int counted = add_count(taken[i].conn, s_hits, PyTuple_GET_ITEM(one, 0)) == 0
+                          && add_count(taken[i].conn, s_misses, PyTuple_GET_ITEM(one, 1)) == 0;
+            Py_DECREF(one);
+            if (!counted) {
+                goto fail;
+            }
+            /* Off the held list first: once given back it may be another
+             * caller's, even if giving it back fails part-way. */
+            taken[i].held = 0;
+            if (give_or_release(taken[i].pool, taken[i].conn) < 0) {
+                goto fail;
+            }
+            continue;
+        }
+        attr = PyTuple_Pack(4, taken[i].index, taken[i].conn, taken[i].keys, one);
+        Py_DECREF(one);
+        if (attr == NULL || PyList_Append(failures, attr) < 0) {
+            goto fail;
+        }
+        Py_CLEAR(attr);
+        taken[i].held = 0;  /* the caller's now */
+    }
+    result = failures;
+    failures = NULL;
+    goto done;
+fallback:
+    /* Nothing sent: each connection goes back as it was taken. */
+    while (i > 0) {
+        i--;
+        taken[i].held = 0;
+        if (give_or_release(taken[i].pool, taken[i].conn) < 0) {
+            goto fail;
+        }
+    }
+    result = Py_NewRef(Py_None);
+    goto done;
+fail:
+    discard_held(taken, n);
+done:
+    for (i = 0; i < n; i++) {
+        Py_XDECREF(taken[i].conn);
+        Py_XDECREF(taken[i].index);
+        Py_XDECREF(taken[i].keys);
+    }
+    Py_XDECREF(attr);
+    Py_XDECREF(failures);
+    free_conns(conns, n);
+    PyMem_Free(conns);
+    PyMem_Free(taken);
     return result;
 }
 
@@ -1876,6 +2187,7 @@ static PyMethodDef methods[] = {
     {"choose", choose, METH_VARARGS, choose_doc},
     {"group", group, METH_VARARGS, group_doc},
     {"get", get_one, METH_VARARGS, get_doc},
+    {"get_pooled", get_pooled, METH_VARARGS, get_pooled_doc},
     {"pool_types", pool_types, METH_VARARGS, pool_types_doc},
     {"monotonic", monotonic, METH_NOARGS, monotonic_doc},
     {"pool_take", pool_take, METH_O, pool_take_doc},
@@ -1901,7 +2213,8 @@ PyInit__speedups(void)
         {&s_idle_since, "idle_since"}, {&s_pooled, "pooled"}, {&s_reused, "reused"},
         {&s_hits, "hits"}, {&s_misses, "misses"}, {&s_key_prefix, "key_prefix"}, {&s_fd, "_fd"},
         {&s_timeout, "timeout"}, {&s_max_value_size, "max_value_size"},
-        {&s_first_read_blocks, "_first_read_blocks"},
+        {&s_first_read_blocks, "_first_read_blocks"}, {&s_native, "_native"}, {&s_discard, "discard"},
+        {&s_release, "release"}, {&s_idle_timeout, "idle_timeout"},
     };
     size_t i;
     for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {

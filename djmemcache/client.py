@@ -19,11 +19,15 @@ import threading
 import time
 
 from djmemcache.connection import (
+    BLOCKING_READ_MIN_TIMEOUT,
+    MAX_LINE,
     Connection,
     ConnectionClosed,
     ErrorReply,
     IOTimeout,
     ProtocolError,
+    _load_speedups,
+    _native_failure,
     exchange_many,
     tls_context_for,
 )
@@ -332,6 +336,24 @@ class Client:
         except DjmemcacheError as error:
             return error
 
+    def _settle_failures(self, failures):
+        """``(batch, outcome)`` of each server ``get_pooled`` saw fail, as
+        ``_pipeline`` gives them: its connection discarded, the batch retried
+        once on a fresh one when the server had closed a reused connection.
+        Whatever is raised, every failed connection is discarded first."""
+        results = []
+        try:
+            while failures:
+                index, conn, batch, failure = failures.pop(0)
+                exc = _native_failure(conn, failure)
+                results.append((batch, self._settle(index, conn, "get", exc, True, Connection.send_get_many,
+                                                    Connection.read_get_many, batch)))
+        except BaseException:
+            for index, conn, _batch, _failure in failures:
+                self.pools[index].discard(conn)
+            raise
+        return results
+
     def _server_failed(self, index, command, exc, kind, ban=False):
         server = self.servers[index]
         reason = "%s %s" % (command, _describe(exc))
@@ -430,11 +452,20 @@ class Client:
             groups = self._group(keys)
         except DjmemcacheError as exc:
             return self._failed(exc, "get_many", found)
-        raw = {}  # the C path puts its values here; the Python path returns dicts
-        for _batch, outcome in self._pipeline(
-            "get", groups, Connection.send_get_many, Connection.read_get_many, retry=True,
-            native=_GET_MANY_NATIVE, into=raw,
-        ):
+        raw = {}  # the C paths put their values here; the Python path returns dicts
+        failures = None
+        if get_pooled is not None and not self._random:
+            # The common case in one C call: connections from the pools, every
+            # server asked at once, and given back (None: not this time).
+            failures = get_pooled(self.pools, groups, MAX_LINE, BLOCKING_READ_MIN_TIMEOUT, raw)
+        if failures is None:
+            outcomes = self._pipeline(
+                "get", groups, Connection.send_get_many, Connection.read_get_many, retry=True,
+                native=_GET_MANY_NATIVE, into=raw,
+            )
+        else:
+            outcomes = self._settle_failures(failures) if failures else ()
+        for _batch, outcome in outcomes:
             if type(outcome) is dict:
                 raw.update(outcome)
             elif isinstance(outcome, DjmemcacheError):
@@ -603,6 +634,8 @@ class Client:
 
 
 _GET_MANY_NATIVE = (Connection.get_many_request, Connection.get_many_outcome)
+#: ``Client.get_many``'s common path in C (``_speedups.get_pooled``), or None.
+get_pooled = getattr(_load_speedups(), "get_pooled", None)
 
 
 def _warn_unreadable(key, exc):

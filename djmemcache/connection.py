@@ -138,7 +138,7 @@ _ONE_BYTE = _size_t(1)
 
 
 #: The ``API`` of the ``_speedups`` build these sources go with.
-SPEEDUPS_API = 3
+SPEEDUPS_API = 4
 
 
 @functools.cache  # once per process: every module asks

@@ -52,6 +52,7 @@ def io_path(request, monkeypatch):
         # and the rest of _speedups: the pool's common path, decoding, key making
         monkeypatch.setattr(client, "take_idle", lambda pool: None)
         monkeypatch.setattr(client, "give_back", lambda pool, conn: False)
+        monkeypatch.setattr(client, "get_pooled", None)
         monkeypatch.setattr(serializer, "_decode_many", None)
         monkeypatch.setattr(backend, "_prefixed", None)
     elif connection._speedups is None:

@@ -1,6 +1,7 @@
 """The per-server pool: bound, LIFO reuse, waiting, discarding, fork."""
 
 import os
+import socket
 import threading
 import time
 
@@ -284,12 +285,31 @@ def test_c_common_path_leaves_waiters_forked_and_idle_or_closed_connections_to_p
     conn.pid = os.getpid()
     assert give_back(pool, conn) is True
 
-    conn.idle_since -= 1.0  # idle a while: acquire() looks at it again first
-    assert take_idle(pool) is None and pool.acquire() is conn
+    conn.idle_since -= 1.0  # idle a while but still open: C takes it after one look
+    assert take_idle(pool) is conn
+    pool.release(conn)
+    conn.idle_since -= 1.0
+    conn.sock.shutdown(socket.SHUT_RD)  # as if the server had closed it: EOF to read
+    assert take_idle(pool) is None and conn.pooled
+    assert pool.acquire() is conn and conn.sock is not None and pool.opened == 2  # reconnected
     pool.release(conn)
     conn.close()  # closed while idle: acquire() reconnects it
     assert take_idle(pool) is None
-    assert pool.acquire() is conn and conn.sock is not None and pool.opened == 2
+    assert pool.acquire() is conn and conn.sock is not None and pool.opened == 3
+    pool.discard(conn)
+
+
+@native_pool
+def test_c_common_path_leaves_a_connection_idle_past_pool_idle_timeout_to_python(mc1):
+    pool = _pool(mc1.location, POOL_IDLE_TIMEOUT=30)
+    conn = pool.acquire()
+    pool.release(conn)
+    conn.idle_since -= 20.0  # idle, open, within POOL_IDLE_TIMEOUT: taken after one look
+    assert take_idle(pool) is conn
+    pool.release(conn)
+    conn.idle_since -= 40.0  # idle longer than POOL_IDLE_TIMEOUT: replaced by acquire()
+    assert take_idle(pool) is None and conn.pooled
+    assert pool.acquire() is conn and pool.opened == 2
     pool.discard(conn)
 
 

@@ -5,6 +5,7 @@ every test on both paths through the ``io_path`` fixture."""
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,21 +48,52 @@ def native_only():
         pytest.skip("djmemcache._speedups is not built")
 
 
+def _count_native_calls(monkeypatch):
+    """[(name, servers asked)] of each call of get_many's two C paths."""
+    calls = []
+
+    def counting(name, real):
+        def call(requests, *args):
+            calls.append((name, len(requests) if name == "exchange_many" else len(args[0])))
+            return real(requests, *args)
+        return call
+
+    for name in ("exchange_many", "get_pooled"):
+        monkeypatch.setattr(client_module, name, counting(name, getattr(client_module, name)))
+    return calls
+
+
 def test_a_get_many_over_three_servers_waits_for_all_of_them_in_one_call(
         native_only, mc3, make_cache, monkeypatch):
-    calls = []
-    real = client_module.exchange_many
-
-    def counting(requests, *args):
-        calls.append(len(requests))
-        return real(requests, *args)
-
-    monkeypatch.setattr(client_module, "exchange_many", counting)
+    calls = _count_native_calls(monkeypatch)
     cache = make_cache(location(mc3))
     keys = ["k%d" % i for i in range(60)]
     cache.set_many({key: key * 3 for key in keys})
     assert cache.get_many(keys) == {key: key * 3 for key in keys}
-    assert calls == [3]  # one C call, one request per server
+    # one C call, one request per server, connections from the pools and back
+    assert calls == [("get_pooled", 3)]
+    assert [len(pool._idle) for pool in cache.client.pools] == [1, 1, 1]
+
+
+def test_a_get_many_with_a_pool_out_of_idle_connections_takes_the_pipeline_with_nothing_taken(
+        native_only, mc3, make_cache, monkeypatch):
+    cache = make_cache(location(mc3))
+    keys = ["k%d" % i for i in range(60)]
+    cache.set_many({key: key for key in keys})
+    pools = cache.client.pools
+    busy = pools[1].acquire()  # another caller's: pool 1 has no idle connection
+    idle = [list(pool._idle) for pool in pools]
+    groups = cache.client._group(keys)
+    into = {}
+    assert connection._speedups.get_pooled(pools, groups, connection.MAX_LINE, 0.05, into) is None
+    assert into == {}
+    assert [list(pool._idle) for pool in pools] == idle  # nothing taken, same order
+    assert all(conn.pooled for conns in idle for conn in conns)
+    calls = _count_native_calls(monkeypatch)
+    assert cache.get_many(keys) == {key: key for key in keys}
+    assert calls == [("get_pooled", 3), ("exchange_many", 3)]
+    pools[1].release(busy)
+    assert [pool.status()["in_use"] for pool in pools] == [0, 0, 0]
 
 
 @pytest.mark.parametrize("prefix", ["", "p:", b"bytes:"])
@@ -386,3 +418,66 @@ def test_a_connection_class_with_its_own_deadline_keeps_it_for_a_get(native_only
         assert time.monotonic() - started < 1.5
     finally:
         conn.close()
+
+
+def _three_servers_warm(memcached_factory, make_cache, options=None):
+    servers = [memcached_factory() for _ in range(3)]
+    cache = make_cache([s.location for s in servers], {"TIMEOUT": 2, **(options or {})})
+    keys = ["k%d" % i for i in range(60)]
+    cache.set_many({key: key for key in keys})  # one idle, reused connection per pool
+    made = {cache.make_key(key): key for key in keys}
+    groups = {index: [made[m] for m in batch] for index, batch in cache.client._group(list(made)).items()}
+    assert sorted(groups) == [0, 1, 2]
+    return servers, cache, keys, groups
+
+
+def test_a_signal_handlers_exception_in_get_pooled_discards_every_connection_it_took(
+        native_only, memcached_factory, make_cache, monkeypatch):
+    servers, cache, keys, _groups = _three_servers_warm(memcached_factory, make_cache)
+    calls = _count_native_calls(monkeypatch)
+    servers[1].pause()  # no reply: the call is waiting when the alarm strikes
+
+    class Alarm(Exception):
+        pass
+
+    def on_alarm(signum, frame):
+        raise Alarm()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Alarm):
+            cache.get_many(keys)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        servers[1].resume()
+    assert calls == [("get_pooled", 3)]
+    status = [pool.status() for pool in cache.client.pools]
+    # The two that answered saw the exception too: closed, not given back.
+    assert [(s["in_use"], s["idle"]) for s in status] == [(0, 0)] * 3
+    assert [s["state"] for s in cache.stats()] == ["up", "up", "up"]
+    assert cache.get_many(keys) == {key: key for key in keys}
+
+
+def test_a_server_restarted_under_get_pooled_costs_no_miss(native_only, memcached_factory, make_cache):
+    servers, cache, keys, groups = _three_servers_warm(memcached_factory, make_cache)
+    servers[2].restart()  # closes the pooled connection, and its items are gone
+    other = make_cache([s.location for s in servers], {"TIMEOUT": 3})  # pools of its own
+    assert other.set_many({key: key for key in groups[2]}) == []
+    # The stale connection fails in the C path; the batch is retried once on a fresh one.
+    assert cache.get_many(keys) == {key: key for key in keys}
+    assert [pool.status()["in_use"] for pool in cache.client.pools] == [0, 0, 0]
+    assert [s["state"] for s in cache.stats()] == ["up", "up", "up"]
+
+
+def test_a_dead_server_under_get_pooled_loses_only_its_keys(native_only, memcached_factory, make_cache, caplog):
+    servers, cache, keys, groups = _three_servers_warm(memcached_factory, make_cache)
+    servers[0].kill()
+    found = cache.get_many(keys)
+    assert found == {key: key for key in keys if key not in groups[0]}
+    status = [pool.status() for pool in cache.client.pools]
+    assert [s["in_use"] for s in status] == [0, 0, 0]
+    assert [s["idle"] for s in status] == [0, 1, 1]
+    assert [s["state"] for s in cache.stats()][1:] == ["up", "up"]
+    assert cache.stats()[0]["state"] != "up"
