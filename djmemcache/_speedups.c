@@ -42,7 +42,7 @@
 /* What the Python side expects of this build (connection._load_speedups
  * checks it): bumped whenever a function is added or changes, so sources
  * updated without a rebuild fall back to pure Python instead of failing. */
-#define API 4
+#define API 5
 
 enum { MODE_GET = 0, MODE_LINES = 1 };
 enum { ST_SENDING, ST_READING, ST_DONE, ST_FAILED };
@@ -1334,7 +1334,7 @@ fail:
 static PyObject *s_lock, *s_locked, *s_idle, *s_waiters, *s_check_after, *s_pid, *s_pool_pid;
 static PyObject *s_sock, *s_idle_since, *s_pooled, *s_reused, *s_hits, *s_misses;
 static PyObject *s_key_prefix, *s_fd, *s_timeout, *s_max_value_size, *s_first_read_blocks, *one;
-static PyObject *s_native, *s_discard, *s_release, *s_idle_timeout;
+static PyObject *s_native, *s_native_get, *s_discard, *s_release, *s_idle_timeout;
 static PyObject *pool_type, *conn_type;  /* pool.HostPool and connection.Connection */
 
 PyDoc_STRVAR(pool_types_doc,
@@ -1900,19 +1900,16 @@ PyDoc_STRVAR(get_doc,
 "failure, as exchange returns it.");
 
 static PyObject *
-get_one(PyObject *Py_UNUSED(self), PyObject *args)
+get_round_trip(PyObject *conn_obj, PyObject *key, Py_ssize_t max_line, double min_blocking)
 {
-    PyObject *conn_obj, *key, *prefix = NULL, *command = NULL;
+    PyObject *prefix = NULL, *command = NULL;
     PyObject *found = NULL, *result = NULL;
-    Py_ssize_t max_line, max_value, key_len, prefix_len;
+    Py_ssize_t max_value, key_len, prefix_len;
     const char *key_utf8;
     char *out;
-    double min_blocking, timeout, deadline;
+    double timeout, deadline;
     int fd, blocks;
     conn_t conn;
-    if (!PyArg_ParseTuple(args, "OUnd", &conn_obj, &key, &max_line, &min_blocking)) {
-        return NULL;
-    }
     if ((key_utf8 = PyUnicode_AsUTF8AndSize(key, &key_len)) == NULL
         || conn_io(conn_obj, &fd, &prefix, &blocks) < 0
         || conn_limits(conn_obj, max_line, &max_value, &timeout) < 0) {
@@ -1966,6 +1963,18 @@ done:
     Py_XDECREF(command);
     Py_XDECREF(found);
     return result;
+}
+
+static PyObject *
+get_one(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *conn_obj, *key;
+    Py_ssize_t max_line;
+    double min_blocking;
+    if (!PyArg_ParseTuple(args, "OUnd", &conn_obj, &key, &max_line, &min_blocking)) {
+        return NULL;
+    }
+    return get_round_trip(conn_obj, key, max_line, min_blocking);
 }
 
 /* -- A pipelined get_many from the pools, in one call ----------------------
@@ -2148,7 +2157,10 @@ get_pooled(PyObject *Py_UNUSED(self), PyObject *args)
             goto fail;
         }
         Py_CLEAR(attr);
-        taken[i].held = 0;  /* the caller's now */
+        /* Still held: discarded here if anything after this raises. */
+    }
+    for (i = 0; i < n; i++) {
+        taken[i].held = 0;  /* the failed ones are the caller's now */
     }
     result = failures;
     failures = NULL;
@@ -2180,6 +2192,233 @@ done:
     return result;
 }
 
+/* A one-key command's common path: the key's server among scored (as
+ * choose, no hashing for one server) and an idle connection from its pool
+ * that runs Connection's own C path (as pool_take). 1: taken (*conn a new
+ * reference, *pool borrowed); 0: *index (a new reference) is the server
+ * whose pool must run the Python path, nothing taken; -1: an error. */
+static int
+take_placed(PyObject *pools, PyObject *scored, PyObject *key, PyObject **index, PyObject **pool,
+            PyObject **conn)
+{
+    PyObject *attr;
+    Py_ssize_t at;
+    int native;
+    unsigned char stack[PLACE_STACK];
+    *index = *conn = NULL;
+    if (!PyList_Check(pools) && !PyTuple_Check(pools)) {
+        PyErr_SetString(PyExc_TypeError, "pools must be a list or tuple");
+        return -1;
+    }
+    if ((scored = scored_arg(scored)) == NULL) {
+        return -1;
+    }
+    *index = PyTuple_GET_SIZE(scored) == 1 ? PyTuple_GET_ITEM(PyTuple_GET_ITEM(scored, 0), 1)
+                                           : place_one(key, scored, stack);
+    Py_XINCREF(*index);
+    Py_DECREF(scored);
+    if (*index == NULL) {
+        return -1;
+    }
+    at = PyLong_Check(*index) ? PyLong_AsSsize_t(*index) : -1;
+    if (at < 0 || at >= PySequence_Fast_GET_SIZE(pools)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_IndexError, "a placed index is not a server's");
+        }
+        Py_CLEAR(*index);
+        return -1;
+    }
+    *pool = PySequence_Fast_GET_ITEM(pools, at);
+    if ((*conn = take_conn(*pool)) == NULL) {
+        Py_CLEAR(*index);
+        return -1;
+    }
+    if (*conn == Py_None) {
+        Py_CLEAR(*conn);
+        return 0;
+    }
+    /* Connection's C paths: exactly Connection (take_conn checks), through this module. */
+    if ((attr = PyObject_GetAttr(*conn, s_native_get)) == NULL || (native = PyObject_IsTrue(attr)) < 0) {
+        taken_t held = {*pool, *conn, NULL, NULL, 1};
+        Py_XDECREF(attr);
+        discard_held(&held, 1);
+        Py_CLEAR(*conn);
+        Py_CLEAR(*index);
+        return -1;
+    }
+    Py_DECREF(attr);
+    if (!native) {
+        /* Nothing sent: back as it was taken, and the Python path runs. */
+        int back = give_or_release(*pool, *conn);
+        Py_CLEAR(*conn);
+        if (back < 0) {
+            Py_CLEAR(*index);
+            return -1;
+        }
+        return 0;
+    }
+    return 1;
+}
+
+/* After a one-key command's round trip on a connection take_placed gave:
+ * `outcome` (a new reference, or NULL when an exception is being raised),
+ * and `failed`, true when the server failed. Gives the connection back and
+ * returns the outcome; or returns [index, connection, outcome] for the
+ * caller to discard it; or discards it and returns NULL. Steals every
+ * reference. */
+static PyObject *
+placed_done(PyObject *index, PyObject *pool, PyObject *conn, PyObject *outcome, int failed)
+{
+    if (outcome != NULL && failed) {
+        PyObject *list = PyList_New(3);
+        if (list != NULL) {
+            PyList_SET_ITEM(list, 0, index);
+            PyList_SET_ITEM(list, 1, conn);
+            PyList_SET_ITEM(list, 2, outcome);
+            return list;  /* the connection is the caller's now */
+        }
+        Py_CLEAR(outcome);
+    }
+    if (outcome == NULL) {
+        taken_t held = {pool, conn, NULL, NULL, 1};
+        discard_held(&held, 1);
+    }
+    else if (give_or_release(pool, conn) < 0) {
+        Py_CLEAR(outcome);
+    }
+    Py_DECREF(index);
+    Py_DECREF(conn);
+    return outcome;
+}
+
+PyDoc_STRVAR(get_placed_doc,
+"get_placed(pools, scored, key, max_line, min_blocking) -> outcome\n\n"
+"Client.get's common path in one call: the key's server among scored (as\n"
+"choose), an idle connection from its pool (as pool_take), the round trip\n"
+"(as get) and the connection given back. None for a miss, (data, flags)\n"
+"for a hit; the server's index (an int), with nothing taken, when its pool\n"
+"has no connection to give this way (the caller runs the Python path\n"
+"there); [index, connection, failure] when the server failed (the\n"
+"connection is the caller's to discard). Whatever it raises, the\n"
+"connection it took is discarded.");
+
+static PyObject *
+get_placed(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *pools, *scored, *key, *index, *pool, *conn, *result;
+    Py_ssize_t max_line;
+    double min_blocking;
+    int taken;
+    if (!PyArg_ParseTuple(args, "OOUnd", &pools, &scored, &key, &max_line, &min_blocking)) {
+        return NULL;
+    }
+    taken = take_placed(pools, scored, key, &index, &pool, &conn);
+    if (taken <= 0) {
+        return taken < 0 ? NULL : index;
+    }
+    result = get_round_trip(conn, key, max_line, min_blocking);
+    /* None: a miss; (data, flags): a hit; (kind, errno, detail): a failure. */
+    return placed_done(index, pool, conn, result,
+                       result != NULL && result != Py_None && PyTuple_GET_SIZE(result) != 2);
+}
+
+/* A storage command's reply line that is an outcome for the item, the
+ * connection still in step (connection._store_outcome's lines). */
+static int
+store_outcome_line(const char *line, Py_ssize_t len)
+{
+#define IS(word) (len == (Py_ssize_t)sizeof(word) - 1 && memcmp(line, word, sizeof(word) - 1) == 0)
+    return IS("STORED") || IS("NOT_STORED") || IS("EXISTS") || IS("NOT_FOUND")
+           || (len >= 12 && memcmp(line, "SERVER_ERROR", 12) == 0);
+#undef IS
+}
+
+PyDoc_STRVAR(store_placed_doc,
+"store_placed(pools, scored, command, key, data, flags, expire, max_line, min_blocking) -> outcome\n\n"
+"Client._store's common path in one call, as get_placed: \"<command>\n"
+"<prefix><key> <flags> <expire> <len>\\r\\n<data>\\r\\n\" and its one reply\n"
+"line. None when stored; the reply line (bytes) when the item was not\n"
+"(NOT_STORED, EXISTS, NOT_FOUND, SERVER_ERROR ...: the connection is given\n"
+"back); the server's index when the Python path must run; [index,\n"
+"connection, failure] when the server failed, the failure being a\n"
+"(kind, errno, detail) tuple or any other reply line (bytes). The caller\n"
+"has checked every field against what memcached accepts.");
+
+static PyObject *
+store_placed(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *pools, *scored, *command, *key, *data, *index, *pool, *conn, *prefix = NULL;
+    PyObject *request = NULL, *result = NULL;
+    unsigned long long flags;
+    long long expire;
+    Py_ssize_t max_line, max_value, key_len, head_len, size;
+    double min_blocking, timeout, deadline;
+    const char *key_utf8;
+    char head[96], *out;
+    int taken, fd, blocks, failed = 1;
+    conn_t c;
+    if (!PyArg_ParseTuple(args, "OOSUSKLnd", &pools, &scored, &command, &key, &data, &flags, &expire,
+                          &max_line, &min_blocking)) {
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(command) > 8 || flags > 0xFFFFFFFFULL || expire < INT32_MIN || expire > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "command, flags or expire out of range");
+        return NULL;
+    }
+    if ((key_utf8 = PyUnicode_AsUTF8AndSize(key, &key_len)) == NULL) {
+        return NULL;
+    }
+    taken = take_placed(pools, scored, key, &index, &pool, &conn);
+    if (taken <= 0) {
+        return taken < 0 ? NULL : index;
+    }
+    memset(&c, 0, sizeof(c));
+    if (conn_io(conn, &fd, &prefix, &blocks) < 0 || conn_limits(conn, max_line, &max_value, &timeout) < 0) {
+        goto done;
+    }
+    head_len = snprintf(head, sizeof(head), " %llu %lld %zd\r\n", flags, expire, PyBytes_GET_SIZE(data));
+    size = PyBytes_GET_SIZE(command) + 1 + PyBytes_GET_SIZE(prefix) + key_len + head_len
+           + PyBytes_GET_SIZE(data) + 2;
+    if ((request = PyBytes_FromStringAndSize(NULL, size)) == NULL) {
+        goto done;
+    }
+    out = PyBytes_AS_STRING(request);
+    memcpy(out, PyBytes_AS_STRING(command), (size_t)PyBytes_GET_SIZE(command));
+    out += PyBytes_GET_SIZE(command);
+    *out++ = ' ';
+    memcpy(out, PyBytes_AS_STRING(prefix), (size_t)PyBytes_GET_SIZE(prefix));
+    out += PyBytes_GET_SIZE(prefix);
+    memcpy(out, key_utf8, (size_t)key_len);
+    out += key_len;
+    memcpy(out, head, (size_t)head_len);
+    out += head_len;
+    memcpy(out, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data));
+    out += PyBytes_GET_SIZE(data);
+    memcpy(out, "\r\n", 2);
+    deadline = timeout < 0 ? -1.0 : now() + timeout;  /* Connection.deadline */
+    if (init_conn(&c, fd, request, MODE_LINES, 1, blocks) < 0) {
+        goto done;
+    }
+    /* `request` is ours until the end: its bytes are sent without the GIL. */
+    if (run(&c, 1, deadline, timeout, max_value, max_line, min_blocking) < 0
+        || (result = outcome(&c, NULL)) == NULL) {
+        goto done;
+    }
+    if (PyList_Check(result)) {
+        PyObject *line = Py_NewRef(PyList_GET_ITEM(result, 0));
+        Py_SETREF(result, line);
+        failed = !store_outcome_line(PyBytes_AS_STRING(line), PyBytes_GET_SIZE(line));
+        if (!failed && PyBytes_GET_SIZE(line) == 6 && memcmp(PyBytes_AS_STRING(line), "STORED", 6) == 0) {
+            Py_SETREF(result, Py_NewRef(Py_None));
+        }
+    }
+done:
+    free_conns(&c, 1);
+    Py_XDECREF(prefix);
+    Py_XDECREF(request);
+    return placed_done(index, pool, conn, result, failed);
+}
+
 static PyMethodDef methods[] = {
     {"stale", stale, METH_O, stale_doc},
     {"exchange", exchange, METH_VARARGS, exchange_doc},
@@ -2188,6 +2427,8 @@ static PyMethodDef methods[] = {
     {"group", group, METH_VARARGS, group_doc},
     {"get", get_one, METH_VARARGS, get_doc},
     {"get_pooled", get_pooled, METH_VARARGS, get_pooled_doc},
+    {"get_placed", get_placed, METH_VARARGS, get_placed_doc},
+    {"store_placed", store_placed, METH_VARARGS, store_placed_doc},
     {"pool_types", pool_types, METH_VARARGS, pool_types_doc},
     {"monotonic", monotonic, METH_NOARGS, monotonic_doc},
     {"pool_take", pool_take, METH_O, pool_take_doc},
@@ -2215,6 +2456,7 @@ PyInit__speedups(void)
         {&s_timeout, "timeout"}, {&s_max_value_size, "max_value_size"},
         {&s_first_read_blocks, "_first_read_blocks"}, {&s_native, "_native"}, {&s_discard, "discard"},
         {&s_release, "release"}, {&s_idle_timeout, "idle_timeout"},
+        {&s_native_get, "_native_get"},
     };
     size_t i;
     for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {

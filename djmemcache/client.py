@@ -28,6 +28,7 @@ from djmemcache.connection import (
     ProtocolError,
     _load_speedups,
     _native_failure,
+    _store_outcome,
     exchange_many,
     tls_context_for,
 )
@@ -113,6 +114,8 @@ class Client:
         self.ignore_exc = options.ignore_exc
         self.max_value_size = options.max_value_size
         self._random = options.distribution == "random"
+        # Client.get's C path places keys as Rendezvous does in C.
+        self._placed_get = not self._random and self.rendezvous._native is not None
         self._log_lock = threading.Lock()
         self._pool_warned_at = -1e9
         self._pool_warnings_held = 0
@@ -342,12 +345,16 @@ class Client:
         once on a fresh one when the server had closed a reused connection.
         Whatever is raised, every failed connection is discarded first."""
         results = []
+        if len(failures) > 1:
+            failures.sort(key=_server_index)  # in server order, as _pipeline reports them
         try:
             while failures:
-                index, conn, batch, failure = failures.pop(0)
+                index, conn, batch, failure = failures[0]
                 exc = _native_failure(conn, failure)
-                results.append((batch, self._settle(index, conn, "get", exc, True, Connection.send_get_many,
-                                                    Connection.read_get_many, batch)))
+                outcome = self._settle(index, conn, "get", exc, True, Connection.send_get_many,
+                                       Connection.read_get_many, batch)
+                failures.pop(0)  # after _settle has discarded it (discard may run twice)
+                results.append((batch, outcome))
         except BaseException:
             for index, conn, _batch, _failure in failures:
                 self.pools[index].discard(conn)
@@ -416,34 +423,52 @@ class Client:
     # -- the commands the backend uses --------------------------------------
 
     def get(self, key):
-        # The busiest call of a Django site: ``_call`` inlined for the common
-        # case (consistent distribution, a healthy connection). Any failure
-        # takes the general path through ``_recover``.
+        # The busiest call of a Django site: placement, the pool, the round
+        # trip and giving back in one C call (get_placed) when every server
+        # is as usual, else _get_at. Any failure takes the general path
+        # through _recover.
         try:
-            index = self._index_for(key)
-            if self._random:
-                raw = self._call(index, "get", Connection.get, key, retry=True)
+            live, next_probe = self.blacklist.state
+            if get_placed is not None and self._placed_get and next_probe is None and live:
+                raw = get_placed(self.pools, self.rendezvous.scored(live), key,
+                                 MAX_LINE, BLOCKING_READ_MIN_TIMEOUT)
+                if type(raw) is int:  # that pool's Python path: nothing was taken
+                    raw = self._get_at(raw, key)
+                elif type(raw) is list:  # the server failed; its connection is ours
+                    index, conn, failure = raw
+                    raw = self._one_failed(index, conn, _native_failure(conn, failure), "get", True,
+                                           Connection.get, (key,))
             else:
-                pool = self.pools[index]
-                try:
-                    conn = take_idle(pool) or pool.acquire()
-                except Exception as exc:
-                    if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
-                        raise
-                    raise self._connect_failed(index, exc) from exc
-                try:
-                    raw = conn.get(key)
-                except BaseException as exc:
-                    pool.discard(conn)
-                    kind = fault_kind(exc)
-                    if kind is None:
-                        raise
-                    raw = self._recover(index, conn, "get", exc, kind, True, False, Connection.get, (key,))
-                else:
-                    give_back(pool, conn) or pool.release(conn)
+                raw = self._get_at(self._index_for(key), key)
         except DjmemcacheError as exc:
             return self._failed(exc, "get", MISS)
         return MISS if raw is None else self._decode(key, raw)
+
+    def _get_at(self, index, key):
+        if self._random:
+            return self._call(index, "get", Connection.get, key, retry=True)
+        pool = self.pools[index]
+        try:
+            conn = take_idle(pool) or pool.acquire()
+        except Exception as exc:
+            if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
+                raise
+            raise self._connect_failed(index, exc) from exc
+        try:
+            raw = conn.get(key)
+        except BaseException as exc:
+            return self._one_failed(index, conn, exc, "get", True, Connection.get, (key,))
+        give_back(pool, conn) or pool.release(conn)
+        return raw
+
+    def _one_failed(self, index, conn, exc, command, retry, method, args):
+        """``method`` failed on ``conn``, taken by a one-key command's C path
+        or ``_get_at``: discard it, then retry once or raise."""
+        self.pools[index].discard(conn)
+        kind = fault_kind(exc)
+        if kind is None:
+            raise exc
+        return self._recover(index, conn, command, exc, kind, retry, False, method, args)
 
     def get_many(self, keys, names=None):
         """``{key: value}`` of the keys found; with ``names``, ``{names[key]: value}``."""
@@ -484,8 +509,24 @@ class Client:
         if item is None:
             return False
         try:
-            reason = self._call(self._index_for(key), command.decode(), Connection.store_one,
-                                command, key, item, expire, retry=retry)
+            live, next_probe = self.blacklist.state
+            if (store_placed is not None and self._placed_get and next_probe is None and live
+                    and type(item[0]) is bytes):
+                # As get: placement, the pool and the round trip in one C call.
+                reason = store_placed(self.pools, self.rendezvous.scored(live), command, key, item[0],
+                                      item[1], expire, MAX_LINE, BLOCKING_READ_MIN_TIMEOUT)
+                if type(reason) is bytes:  # not stored (NOT_STORED, SERVER_ERROR ...)
+                    reason = _store_outcome(reason)
+                elif type(reason) is int:  # that pool's Python path: nothing was taken
+                    reason = self._call(reason, command.decode(), Connection.store_one,
+                                        command, key, item, expire, retry=retry)
+                elif reason is not None:  # the server failed; its connection is ours
+                    index, conn, failure = reason
+                    reason = self._one_failed(index, conn, _native_failure(conn, failure), command.decode(),
+                                              retry, Connection.store_one, (command, key, item, expire))
+            else:
+                reason = self._call(self._index_for(key), command.decode(), Connection.store_one,
+                                    command, key, item, expire, retry=retry)
         except DjmemcacheError as exc:
             return self._failed(exc, command.decode(), False)
         return reason is None or self._stored(command.decode(), key, reason)
@@ -634,8 +675,15 @@ class Client:
 
 
 _GET_MANY_NATIVE = (Connection.get_many_request, Connection.get_many_outcome)
-#: ``Client.get_many``'s common path in C (``_speedups.get_pooled``), or None.
+#: The common paths of ``Client.get_many``, ``get`` and ``_store`` in C
+#: (``_speedups.get_pooled``, ``get_placed``, ``store_placed``), or None.
 get_pooled = getattr(_load_speedups(), "get_pooled", None)
+get_placed = getattr(_load_speedups(), "get_placed", None)
+store_placed = getattr(_load_speedups(), "store_placed", None)
+
+
+def _server_index(failure):
+    return failure[0]
 
 
 def _warn_unreadable(key, exc):

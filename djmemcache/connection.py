@@ -138,7 +138,7 @@ _ONE_BYTE = _size_t(1)
 
 
 #: The ``API`` of the ``_speedups`` build these sources go with.
-SPEEDUPS_API = 4
+SPEEDUPS_API = 5
 
 
 @functools.cache  # once per process: every module asks
@@ -977,8 +977,11 @@ def exchange_many(requests, deadline, timeout, max_value, into=None):
 
 
 def _native_failure(conn, failure):
-    """The exception for a ``(kind, errno, detail)`` failure from ``_speedups``:
-    the same one the Python path raises for the same fault."""
+    """The exception for a ``(kind, errno, detail)`` failure from ``_speedups``
+    (or a reply line it did not expect, as bytes): the same one the Python
+    path raises for the same fault."""
+    if type(failure) is bytes:
+        failure = (_speedups.F_ERROR_LINE, 0, failure)
     kind, err, detail = failure
     if kind == _speedups.F_ERRNO:
         return conn._socket_error(err)

@@ -165,6 +165,11 @@ class Rendezvous:
             self._placed = placed
         return placed[1], placed[2]
 
+    def scored(self, candidates):
+        """The ``scored`` tuple ``_speedups`` places keys with, for ``candidates``."""
+        placed = self._placed  # the live servers' tuple is the one placed last: no call
+        return placed[2] if placed[0] is candidates else self._placed_for(candidates)[1]
+
     def score(self, index, key):
         if self._fast:
             return _mmh3_hash(self._prefixes[index] + _hash_key_bytes(key), 0, False)
@@ -175,9 +180,7 @@ class Rendezvous:
         if len(candidates) == 1:
             return candidates[0]
         if self._native is not None:
-            placed = self._placed  # the live servers' tuple is the one placed last: no call
-            return self._native.choose(key, placed[2] if placed[0] is candidates else
-                                       self._placed_for(candidates)[1])
+            return self._native.choose(key, self.scored(candidates))
         memo, _scored = self._placed_for(candidates)
         index = memo.get(key)
         if index is None:

@@ -53,6 +53,8 @@ def io_path(request, monkeypatch):
         monkeypatch.setattr(client, "take_idle", lambda pool: None)
         monkeypatch.setattr(client, "give_back", lambda pool, conn: False)
         monkeypatch.setattr(client, "get_pooled", None)
+        monkeypatch.setattr(client, "get_placed", None)
+        monkeypatch.setattr(client, "store_placed", None)
         monkeypatch.setattr(serializer, "_decode_many", None)
         monkeypatch.setattr(backend, "_prefixed", None)
     elif connection._speedups is None:

@@ -15,8 +15,8 @@ import time
 import pytest
 from fakeserver import SILENCE
 
+from djmemcache import DjmemcacheError, connection
 from djmemcache import client as client_module
-from djmemcache import connection
 
 
 def location(servers):
@@ -431,26 +431,35 @@ def _three_servers_warm(memcached_factory, make_cache, options=None):
     return servers, cache, keys, groups
 
 
+class _Alarm(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _alarm_in(seconds):
+    """Raise _Alarm from a SIGALRM handler ``seconds`` from now, inside the block."""
+    def on_alarm(signum, frame):
+        raise _Alarm()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        with pytest.raises(_Alarm):
+            yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_a_signal_handlers_exception_in_get_pooled_discards_every_connection_it_took(
         native_only, memcached_factory, make_cache, monkeypatch):
     servers, cache, keys, _groups = _three_servers_warm(memcached_factory, make_cache)
     calls = _count_native_calls(monkeypatch)
     servers[1].pause()  # no reply: the call is waiting when the alarm strikes
-
-    class Alarm(Exception):
-        pass
-
-    def on_alarm(signum, frame):
-        raise Alarm()
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-        with pytest.raises(Alarm):
+        with _alarm_in(0.2):
             cache.get_many(keys)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
         servers[1].resume()
     assert calls == [("get_pooled", 3)]
     status = [pool.status() for pool in cache.client.pools]
@@ -481,3 +490,170 @@ def test_a_dead_server_under_get_pooled_loses_only_its_keys(native_only, memcach
     assert [s["idle"] for s in status] == [0, 1, 1]
     assert [s["state"] for s in cache.stats()][1:] == ["up", "up"]
     assert cache.stats()[0]["state"] != "up"
+
+
+def _count_one_key_calls(monkeypatch):
+    """Names of the one-key C paths called, in order."""
+    calls = []
+
+    def counting(name, real):
+        def call(*args):
+            calls.append(name)
+            return real(*args)
+        return call
+
+    for name in ("get_placed", "store_placed"):
+        monkeypatch.setattr(client_module, name, counting(name, getattr(client_module, name)))
+    return calls
+
+
+def test_get_and_set_are_one_c_call_each_from_placement_to_giving_back(native_only, mc3, make_cache, monkeypatch):
+    cache = make_cache(location(mc3))
+    cache.set("warm", 1)  # a connection to each server is opened on first use, in Python
+    cache.get_many(["a%d" % i for i in range(30)])
+    calls = _count_one_key_calls(monkeypatch)
+    for i in range(30):
+        cache.set("k%d" % i, {"n": i})
+    assert [cache.get("k%d" % i) for i in range(30)] == [{"n": i} for i in range(30)]
+    assert cache.get("missing") is None
+    assert calls == ["store_placed"] * 30 + ["get_placed"] * 31
+    assert [pool.status()["in_use"] for pool in cache.client.pools] == [0, 0, 0]
+    assert sum(pool.counters()["hits"] for pool in cache.client.pools) >= 30
+
+
+def test_a_one_key_c_path_with_a_busy_pool_places_the_key_and_takes_nothing(native_only, mc3, make_cache):
+    cache = make_cache(location(mc3))
+    cache.set("k", "v")
+    client = cache.client
+    key = cache.make_key("k")
+    index = client._index_for(key)
+    busy = client.pools[index].acquire()  # another caller's: no idle connection there
+    scored = client.rendezvous.scored(client.blacklist.state[0])
+    args = (connection.MAX_LINE, 0.05)
+    assert connection._speedups.get_placed(client.pools, scored, key, *args) == index
+    assert connection._speedups.store_placed(client.pools, scored, b"set", key, b"x", 0, 0, *args) == index
+    assert cache.get("k") == "v"  # through the pool's Python path
+    client.pools[index].release(busy)
+    assert [pool.status()["in_use"] for pool in client.pools] == [0, 0, 0]
+
+
+def test_store_placed_refuses_fields_memcached_would_misread_before_taking_anything(native_only, mc3, make_cache):
+    cache = make_cache(location(mc3))
+    cache.set("k", "v")
+    client = cache.client
+    scored = client.rendezvous.scored(client.blacklist.state[0])
+    idle = [list(pool._idle) for pool in client.pools]
+    for command, flags, expire in ((b"set", 2**32, 0), (b"set", -1, 0), (b"set", 0, 2**31),
+                                   (b"set", 0, -(2**31) - 1), (b"set x 0 0 1\r\nz\r\nset", 0, 0)):
+        with pytest.raises((ValueError, OverflowError)):
+            connection._speedups.store_placed(client.pools, scored, command, ":1:k", b"v", flags, expire,
+                                              connection.MAX_LINE, 0.05)
+    assert [list(pool._idle) for pool in client.pools] == idle
+    assert cache.get("k") == "v"
+
+
+@pytest.mark.parametrize("reply, stored, closed", [
+    (b"NOT_STORED\r\n", False, False),
+    (b"SERVER_ERROR object too large for cache\r\n", False, False),
+    (b"CLIENT_ERROR bad data chunk\r\n", False, True),
+    (b"STORED\r\nSTORED\r\n", False, True),  # more than was asked: out of step
+    (b"VALUE k 0 1\r\n", False, True),
+])
+def test_store_placed_gives_back_a_connection_only_after_an_outcome_line(
+        native_only, fake_memcached, make_cache, reply, stored, closed):
+    cache = make_cache(fake_memcached.location, {"IGNORE_EXC": True})
+    cache.set("warm", 1)  # the connection is opened and pooled
+    fake_memcached.reply(reply)
+    assert cache.add("k", "v") is stored
+    pool = cache.client.pools[0]
+    assert pool.status()["in_use"] == 0
+    assert pool.status()["idle"] == (0 if closed else 1)
+    assert cache.add("k2", "v") is True  # the pool is healthy either way
+
+
+def test_a_signal_handlers_exception_in_get_placed_discards_its_connection(
+        native_only, memcached_factory, make_cache):
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 2})
+    cache.set("k", "v")  # pooled, idle
+    server.pause()
+    try:
+        with _alarm_in(0.2):
+            cache.get("k")
+    finally:
+        server.resume()
+    status = cache.client.pools[0].status()
+    assert (status["in_use"], status["idle"]) == (0, 0)  # closed, its slot freed
+    assert cache.stats()[0]["state"] == "up"  # the caller's exception bans nothing
+    assert cache.get("k") == "v"
+
+
+def test_a_restart_under_the_one_key_c_paths_costs_no_miss(native_only, memcached_factory, make_cache):
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 2})
+    cache.set("warm", 1)
+    server.restart()  # the pooled connection is closed by the server
+    cache.client.pools[0]._idle[-1].idle_since = time.monotonic()  # and looks just used: no peek
+    assert cache.set("k", "v") is None  # retried once on a fresh connection
+    assert cache.client.pools[0].opened == 2
+    server.restart()
+    cache.client.pools[0]._idle[-1].idle_since = time.monotonic()
+    assert cache.get("k") is None and cache.client.pools[0].opened == 3  # a miss: memcached lost it
+    cache.set("k", "v")
+    server.restart()
+    cache.client.pools[0]._idle[-1].idle_since = time.monotonic()
+    cache.client.pools[0].status()
+    assert cache.add("k", "w") is False  # add is never retried: the failure is a miss
+    assert cache.stats()[0]["state"] == "up"
+    assert [pool.status()["in_use"] for pool in cache.client.pools] == [0]
+
+
+def test_get_pooled_discards_a_failed_servers_connection_when_a_later_give_back_raises(
+        native_only, make_cache, monkeypatch):
+    from fakeserver import FakeMemcached
+
+    from djmemcache import pool as pool_module
+
+    servers = [FakeMemcached(), FakeMemcached()]
+    try:
+        cache = make_cache([s.location for s in servers], {"TIMEOUT": 0.2, "IGNORE_EXC": True})
+        keys = ["key%d" % i for i in range(12)]
+        cache.get_many(keys)  # one idle connection per server
+        client = cache.client
+        first, second = list(client._group([cache.make_key(k) for k in keys]))  # get_pooled's order
+        servers[first].reply(SILENCE)  # times out: a failure set aside for the caller
+        failed = client.pools[first]._idle[-1]
+
+        class Interrupted(BaseException):
+            pass
+
+        real_release = pool_module.HostPool.release
+
+        def release(pool, conn):  # a signal handler raising as release() returns
+            real_release(pool, conn)
+            if pool is client.pools[second]:
+                raise Interrupted()
+
+        monkeypatch.setattr(pool_module.HostPool, "release", release)
+        waiter = pool_module._Waiter()
+        client.pools[second]._waiters.append(waiter)  # someone waits: release() runs, hands it over
+        with pytest.raises(Interrupted):
+            cache.get_many(keys)
+        assert waiter.conn is not None
+        real_release(client.pools[second], waiter.conn)
+        assert failed.sock is None  # closed, and its slot freed
+        assert client.pools[first].status()["in_use"] == 0
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_get_pooled_reports_failed_servers_in_server_order_as_the_pipeline_does(
+        native_only, memcached_factory, make_cache):
+    servers, cache, keys, _groups = _three_servers_warm(memcached_factory, make_cache, {"IGNORE_EXC": False})
+    servers[2].kill()
+    servers[0].kill()
+    with pytest.raises(DjmemcacheError) as raised:
+        cache.get_many(keys)
+    assert servers[0].location in str(raised.value)
+    assert [pool.status()["in_use"] for pool in cache.client.pools] == [0, 0, 0]
