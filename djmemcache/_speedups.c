@@ -2044,8 +2044,9 @@ PyDoc_STRVAR(get_pooled_doc,
 "the GIL, within one TIMEOUT (the connections'), puts key: (data, flags)\n"
 "in into, counts hits and misses, and gives back each connection that\n"
 "answered. Returns [(index, connection, keys, failure)] of the servers that\n"
-"failed: their connections are the caller's to discard. Whatever it\n"
-"raises, every connection it took and did not give back is discarded.");
+"failed, their connections already discarded (closed, slots freed).\n"
+"Whatever it raises, every connection it took and did not give back is\n"
+"discarded.");
 
 static PyObject *
 get_pooled(PyObject *Py_UNUSED(self), PyObject *args)
@@ -2060,8 +2061,10 @@ get_pooled(PyObject *Py_UNUSED(self), PyObject *args)
                           &max_line, &min_blocking, &PyDict_Type, &into)) {
         return NULL;
     }
-    if (!PyList_Check(pools) && !PyTuple_Check(pools)) {
-        PyErr_SetString(PyExc_TypeError, "pools must be a list or tuple");
+    if (!PyTuple_Check(pools)) {
+        /* A tuple, which no thread can change while the GIL is released:
+         * the pools are borrowed from it until the end. */
+        PyErr_SetString(PyExc_TypeError, "pools must be a tuple");
         return NULL;
     }
     n = PyDict_GET_SIZE(groups);
@@ -2081,13 +2084,13 @@ get_pooled(PyObject *Py_UNUSED(self), PyObject *args)
         Py_ssize_t at = PyLong_Check(index) ? PyLong_AsSsize_t(index) : -1;
         PyObject *pool, *conn;
         int native;
-        if (at < 0 || at >= PySequence_Fast_GET_SIZE(pools)) {
+        if (at < 0 || at >= PyTuple_GET_SIZE(pools)) {
             if (!PyErr_Occurred()) {
                 PyErr_SetString(PyExc_IndexError, "a group's index is not a server's");
             }
             goto fail;
         }
-        pool = PySequence_Fast_GET_ITEM(pools, at);
+        pool = PyTuple_GET_ITEM(pools, at);
         conn = take_conn(pool);
         if (conn == NULL) {
             goto fail;
@@ -2151,16 +2154,21 @@ get_pooled(PyObject *Py_UNUSED(self), PyObject *args)
             }
             continue;
         }
+        /* Closed and its slot freed here, before Python sees it: nothing
+         * raised between here and the caller's handling can keep it. */
+        attr = PyObject_CallMethodOneArg(taken[i].pool, s_discard, taken[i].conn);
+        if (attr == NULL) {
+            Py_DECREF(one);
+            goto fail;
+        }
+        Py_DECREF(attr);
+        taken[i].held = 0;
         attr = PyTuple_Pack(4, taken[i].index, taken[i].conn, taken[i].keys, one);
         Py_DECREF(one);
         if (attr == NULL || PyList_Append(failures, attr) < 0) {
             goto fail;
         }
         Py_CLEAR(attr);
-        /* Still held: discarded here if anything after this raises. */
-    }
-    for (i = 0; i < n; i++) {
-        taken[i].held = 0;  /* the failed ones are the caller's now */
     }
     result = failures;
     failures = NULL;
@@ -2206,8 +2214,10 @@ take_placed(PyObject *pools, PyObject *scored, PyObject *key, PyObject **index, 
     int native;
     unsigned char stack[PLACE_STACK];
     *index = *conn = NULL;
-    if (!PyList_Check(pools) && !PyTuple_Check(pools)) {
-        PyErr_SetString(PyExc_TypeError, "pools must be a list or tuple");
+    if (!PyTuple_Check(pools)) {
+        /* A tuple, which no thread can change while the GIL is released:
+         * the pools are borrowed from it until the end. */
+        PyErr_SetString(PyExc_TypeError, "pools must be a tuple");
         return -1;
     }
     if ((scored = scored_arg(scored)) == NULL) {
@@ -2221,14 +2231,14 @@ take_placed(PyObject *pools, PyObject *scored, PyObject *key, PyObject **index, 
         return -1;
     }
     at = PyLong_Check(*index) ? PyLong_AsSsize_t(*index) : -1;
-    if (at < 0 || at >= PySequence_Fast_GET_SIZE(pools)) {
+    if (at < 0 || at >= PyTuple_GET_SIZE(pools)) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_IndexError, "a placed index is not a server's");
         }
         Py_CLEAR(*index);
         return -1;
     }
-    *pool = PySequence_Fast_GET_ITEM(pools, at);
+    *pool = PyTuple_GET_ITEM(pools, at);
     if ((*conn = take_conn(*pool)) == NULL) {
         Py_CLEAR(*index);
         return -1;
@@ -2270,12 +2280,17 @@ static PyObject *
 placed_done(PyObject *index, PyObject *pool, PyObject *conn, PyObject *outcome, int failed)
 {
     if (outcome != NULL && failed) {
-        PyObject *list = PyList_New(3);
+        /* Closed and its slot freed before Python sees it (as get_pooled). */
+        PyObject *list = PyObject_CallMethodOneArg(pool, s_discard, conn);
+        if (list != NULL) {
+            Py_DECREF(list);
+            list = PyList_New(3);
+        }
         if (list != NULL) {
             PyList_SET_ITEM(list, 0, index);
             PyList_SET_ITEM(list, 1, conn);
             PyList_SET_ITEM(list, 2, outcome);
-            return list;  /* the connection is the caller's now */
+            return list;
         }
         Py_CLEAR(outcome);
     }
@@ -2299,8 +2314,8 @@ PyDoc_STRVAR(get_placed_doc,
 "for a hit; the server's index (an int), with nothing taken, when its pool\n"
 "has no connection to give this way (the caller runs the Python path\n"
 "there); [index, connection, failure] when the server failed (the\n"
-"connection is the caller's to discard). Whatever it raises, the\n"
-"connection it took is discarded.");
+"connection already discarded: closed, its slot freed). Whatever it\n"
+"raises, the connection it took is discarded.");
 
 static PyObject *
 get_placed(PyObject *Py_UNUSED(self), PyObject *args)
@@ -2333,6 +2348,21 @@ store_outcome_line(const char *line, Py_ssize_t len)
 #undef IS
 }
 
+/* The storage commands store_placed sends (cas has a field more). */
+static int
+storage_word(PyObject *command)
+{
+    static const char *words[] = {"set", "add", "replace", "append", "prepend"};
+    size_t i;
+    for (i = 0; i < sizeof(words) / sizeof(words[0]); i++) {
+        if ((size_t)PyBytes_GET_SIZE(command) == strlen(words[i])
+            && memcmp(PyBytes_AS_STRING(command), words[i], strlen(words[i])) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(store_placed_doc,
 "store_placed(pools, scored, command, key, data, flags, expire, max_line, min_blocking) -> outcome\n\n"
 "Client._store's common path in one call, as get_placed: \"<command>\n"
@@ -2340,15 +2370,17 @@ PyDoc_STRVAR(store_placed_doc,
 "line. None when stored; the reply line (bytes) when the item was not\n"
 "(NOT_STORED, EXISTS, NOT_FOUND, SERVER_ERROR ...: the connection is given\n"
 "back); the server's index when the Python path must run; [index,\n"
-"connection, failure] when the server failed, the failure being a\n"
-"(kind, errno, detail) tuple or any other reply line (bytes). The caller\n"
-"has checked every field against what memcached accepts.");
+"connection, failure] when the server failed (the connection already\n"
+"discarded), the failure being a (kind, errno, detail) tuple or any\n"
+"other reply line (bytes). Refuses any other command word, and flags or\n"
+"an expiry memcached would misread, before taking a connection.");
 
 static PyObject *
 store_placed(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *pools, *scored, *command, *key, *data, *index, *pool, *conn, *prefix = NULL;
     PyObject *request = NULL, *result = NULL;
+    PyObject *flags_o;
     unsigned long long flags;
     long long expire;
     Py_ssize_t max_line, max_value, key_len, head_len, size;
@@ -2357,12 +2389,16 @@ store_placed(PyObject *Py_UNUSED(self), PyObject *args)
     char head[96], *out;
     int taken, fd, blocks, failed = 1;
     conn_t c;
-    if (!PyArg_ParseTuple(args, "OOSUSKLnd", &pools, &scored, &command, &key, &data, &flags, &expire,
-                          &max_line, &min_blocking)) {
+    if (!PyArg_ParseTuple(args, "OOSUSO!Lnd", &pools, &scored, &command, &key, &data, &PyLong_Type, &flags_o,
+                          &expire, &max_line, &min_blocking)) {
         return NULL;
     }
-    if (PyBytes_GET_SIZE(command) > 8 || flags > 0xFFFFFFFFULL || expire < INT32_MIN || expire > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "command, flags or expire out of range");
+    flags = PyLong_AsUnsignedLongLong(flags_o);  /* OverflowError below 0 or past 64 bits */
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!storage_word(command) || flags > 0xFFFFFFFFULL || expire < INT32_MIN || expire > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a storage command, or flags or expire out of range");
         return NULL;
     }
     if ((key_utf8 = PyUnicode_AsUTF8AndSize(key, &key_len)) == NULL) {

@@ -340,26 +340,15 @@ class Client:
             return error
 
     def _settle_failures(self, failures):
-        """``(batch, outcome)`` of each server ``get_pooled`` saw fail, as
-        ``_pipeline`` gives them: its connection discarded, the batch retried
-        once on a fresh one when the server had closed a reused connection.
-        Whatever is raised, every failed connection is discarded first."""
-        results = []
+        """``(batch, outcome)`` of each server ``get_pooled`` saw fail (its
+        connection already discarded there), as ``_pipeline`` gives them:
+        the batch retried once on a fresh connection when the server had
+        closed a reused one."""
         if len(failures) > 1:
             failures.sort(key=_server_index)  # in server order, as _pipeline reports them
-        try:
-            while failures:
-                index, conn, batch, failure = failures[0]
-                exc = _native_failure(conn, failure)
-                outcome = self._settle(index, conn, "get", exc, True, Connection.send_get_many,
-                                       Connection.read_get_many, batch)
-                failures.pop(0)  # after _settle has discarded it (discard may run twice)
-                results.append((batch, outcome))
-        except BaseException:
-            for index, conn, _batch, _failure in failures:
-                self.pools[index].discard(conn)
-            raise
-        return results
+        return [(batch, self._settle(index, conn, "get", _native_failure(conn, failure), True,
+                                     Connection.send_get_many, Connection.read_get_many, batch))
+                for index, conn, batch, failure in failures]
 
     def _server_failed(self, index, command, exc, kind, ban=False):
         server = self.servers[index]
@@ -434,7 +423,7 @@ class Client:
                                  MAX_LINE, BLOCKING_READ_MIN_TIMEOUT)
                 if type(raw) is int:  # that pool's Python path: nothing was taken
                     raw = self._get_at(raw, key)
-                elif type(raw) is list:  # the server failed; its connection is ours
+                elif type(raw) is list:  # the server failed (C has discarded the connection)
                     index, conn, failure = raw
                     raw = self._one_failed(index, conn, _native_failure(conn, failure), "get", True,
                                            Connection.get, (key,))
@@ -462,8 +451,8 @@ class Client:
         return raw
 
     def _one_failed(self, index, conn, exc, command, retry, method, args):
-        """``method`` failed on ``conn``, taken by a one-key command's C path
-        or ``_get_at``: discard it, then retry once or raise."""
+        """``method`` failed on ``conn`` (``_get_at``'s, or a one-key C path's,
+        which has discarded it already): discard it, then retry once or raise."""
         self.pools[index].discard(conn)
         kind = fault_kind(exc)
         if kind is None:
@@ -520,7 +509,7 @@ class Client:
                 elif type(reason) is int:  # that pool's Python path: nothing was taken
                     reason = self._call(reason, command.decode(), Connection.store_one,
                                         command, key, item, expire, retry=retry)
-                elif reason is not None:  # the server failed; its connection is ours
+                elif reason is not None:  # the server failed (C has discarded the connection)
                     index, conn, failure = reason
                     reason = self._one_failed(index, conn, _native_failure(conn, failure), command.decode(),
                                               retry, Connection.store_one, (command, key, item, expire))

@@ -543,13 +543,43 @@ def test_store_placed_refuses_fields_memcached_would_misread_before_taking_anyth
     client = cache.client
     scored = client.rendezvous.scored(client.blacklist.state[0])
     idle = [list(pool._idle) for pool in client.pools]
-    for command, flags, expire in ((b"set", 2**32, 0), (b"set", -1, 0), (b"set", 0, 2**31),
-                                   (b"set", 0, -(2**31) - 1), (b"set x 0 0 1\r\nz\r\nset", 0, 0)):
+    for command, flags, expire in ((b"set", 2**32, 0), (b"set", -1, 0), (b"set", 2**64 + 5, 0),
+                                   (b"set", -(2**64) + 7, 0), (b"set", 0, 2**31), (b"set", 0, -(2**31) - 1),
+                                   (b"set x 0 0 1\r\nz\r\nset", 0, 0), (b"md k\r\n", 0, 0), (b"cas", 0, 0),
+                                   (b"get", 0, 0)):
         with pytest.raises((ValueError, OverflowError)):
             connection._speedups.store_placed(client.pools, scored, command, ":1:k", b"v", flags, expire,
                                               connection.MAX_LINE, 0.05)
+    with pytest.raises(TypeError):  # a list could lose a pool while the GIL is released
+        connection._speedups.store_placed(list(client.pools), scored, b"set", ":1:k", b"v", 0, 0,
+                                          connection.MAX_LINE, 0.05)
     assert [list(pool._idle) for pool in client.pools] == idle
     assert cache.get("k") == "v"
+
+
+def test_the_one_key_c_paths_hand_back_a_failed_connection_already_discarded(
+        native_only, memcached_factory, make_cache):
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 2})
+    cache.set("k", "v")
+    client = cache.client
+    scored = client.rendezvous.scored(client.blacklist.state[0])
+    pool = client.pools[0]
+    two = [pool.acquire(), pool.acquire()]
+    for conn in two:
+        pool.release(conn)
+    server.kill()  # both pooled connections now lead nowhere
+    args = (connection.MAX_LINE, 0.05)
+    for call in (lambda: connection._speedups.get_placed(client.pools, scored, ":1:k", *args),
+                 lambda: connection._speedups.store_placed(client.pools, scored, b"set", ":1:k", b"v", 0, 0,
+                                                           *args)):
+        pool._idle[-1].idle_since = time.monotonic()  # just used: taken without a look
+        index, conn, failure = call()
+        assert index == 0 and isinstance(failure, tuple)
+        # Closed, its slot freed, before Python sees it: nothing raised in
+        # between (a signal handler's exception) can keep it.
+        assert conn.sock is None and conn in two
+    assert pool.status()["in_use"] == 0
 
 
 @pytest.mark.parametrize("reply, stored, closed", [
