@@ -2273,9 +2273,9 @@ take_placed(PyObject *pools, PyObject *scored, PyObject *key, PyObject **index, 
 /* After a one-key command's round trip on a connection take_placed gave:
  * `outcome` (a new reference, or NULL when an exception is being raised),
  * and `failed`, true when the server failed. Gives the connection back and
- * returns the outcome; or returns [index, connection, outcome] for the
- * caller to discard it; or discards it and returns NULL. Steals every
- * reference. */
+ * returns the outcome; or discards it (pool.discard) and returns [index,
+ * connection, outcome] for the caller to settle; or discards it and
+ * returns NULL. Steals every reference. */
 static PyObject *
 placed_done(PyObject *index, PyObject *pool, PyObject *conn, PyObject *outcome, int failed)
 {
