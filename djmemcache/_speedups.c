@@ -1084,11 +1084,21 @@ PyDoc_STRVAR(stale_doc,
 "an error, or bytes nobody asked for): one non-blocking peek, keeping the\n"
 "GIL (it cannot wait), for the pool's check of connections idle a while.");
 
-static PyObject *
-stale(PyObject *Py_UNUSED(self), PyObject *arg)
+/* 1 when an idle socket has something to read (a close, an error, bytes). */
+static int
+peek_stale(int fd)
 {
     char byte;
     ssize_t got;
+    do {
+        got = recv(fd, &byte, 1, MSG_DONTWAIT | MSG_PEEK);
+    } while (got < 0 && errno == EINTR);
+    return got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+}
+
+static PyObject *
+stale(PyObject *Py_UNUSED(self), PyObject *arg)
+{
     long fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) {
         return NULL;
@@ -1097,10 +1107,7 @@ stale(PyObject *Py_UNUSED(self), PyObject *arg)
         PyErr_SetString(PyExc_OverflowError, "fd out of range");
         return NULL;
     }
-    do {
-        got = recv((int)fd, &byte, 1, MSG_DONTWAIT | MSG_PEEK);
-    } while (got < 0 && errno == EINTR);
-    return PyBool_FromLong(got >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK));
+    return PyBool_FromLong(peek_stale((int)fd));
 }
 
 /* -- Placement: pymemcache's RendezvousHash, as servers.Rendezvous computes it --
@@ -1480,8 +1487,6 @@ idle_peek(PyObject *pool, PyObject *conn, double idle)
     int native, limited;
     double limit = 0.0;
     int fd;
-    char byte;
-    ssize_t got;
     if ((attr = PyObject_GetAttr(conn, s_native)) == NULL) {
         return -1;
     }
@@ -1510,10 +1515,7 @@ idle_peek(PyObject *pool, PyObject *conn, double idle)
     if (conn_fd(conn, &fd) < 0) {
         return -1;
     }
-    do {  /* as stale() */
-        got = recv(fd, &byte, 1, MSG_DONTWAIT | MSG_PEEK);
-    } while (got < 0 && errno == EINTR);
-    return got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+    return !peek_stale(fd);
 }
 
 PyDoc_STRVAR(pool_take_doc,
@@ -1985,6 +1987,36 @@ get_one(PyObject *Py_UNUSED(self), PyObject *args)
  * Python that was about 250 bytecodes a server, under the GIL. Anything
  * else returns None with nothing taken and the caller runs _pipeline. */
 
+/* The pool of server `index` (borrowed), or NULL with an exception. Only
+ * from a tuple, which no thread can change while the GIL is released: the
+ * pool is borrowed from it until the end of the call. */
+static PyObject *
+pool_at(PyObject *pools, PyObject *index)
+{
+    Py_ssize_t at;
+    if (!PyTuple_Check(pools)) {
+        PyErr_SetString(PyExc_TypeError, "pools must be a tuple");
+        return NULL;
+    }
+    at = PyLong_Check(index) ? PyLong_AsSsize_t(index) : -1;
+    if (at < 0 || at >= PyTuple_GET_SIZE(pools)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_IndexError, "an index that is not a server's");
+        }
+        return NULL;
+    }
+    return PyTuple_GET_ITEM(pools, at);
+}
+
+/* pool.discard(conn): 0, or -1 with its exception. */
+static int
+discard_one(PyObject *pool, PyObject *conn)
+{
+    PyObject *done = PyObject_CallMethodOneArg(pool, s_discard, conn);
+    Py_XDECREF(done);
+    return done == NULL ? -1 : 0;
+}
+
 typedef struct {
     PyObject *pool, *conn, *index, *keys;  /* the pool borrowed (pools holds it) */
     int held;  /* checked out by this call: discarded on the way out */
@@ -2004,12 +2036,10 @@ discard_held(taken_t *taken, Py_ssize_t n)
 #endif
     for (i = 0; i < n; i++) {
         if (taken[i].held) {
-            PyObject *done = PyObject_CallMethodOneArg(taken[i].pool, s_discard, taken[i].conn);
             taken[i].held = 0;
-            if (done == NULL) {
+            if (discard_one(taken[i].pool, taken[i].conn) < 0) {
                 PyErr_WriteUnraisable(taken[i].pool);
             }
-            Py_XDECREF(done);
         }
     }
 #if PY_VERSION_HEX >= 0x030C0000
@@ -2061,12 +2091,6 @@ get_pooled(PyObject *Py_UNUSED(self), PyObject *args)
                           &max_line, &min_blocking, &PyDict_Type, &into)) {
         return NULL;
     }
-    if (!PyTuple_Check(pools)) {
-        /* A tuple, which no thread can change while the GIL is released:
-         * the pools are borrowed from it until the end. */
-        PyErr_SetString(PyExc_TypeError, "pools must be a tuple");
-        return NULL;
-    }
     n = PyDict_GET_SIZE(groups);
     if (n == 0) {
         return PyList_New(0);
@@ -2081,18 +2105,9 @@ get_pooled(PyObject *Py_UNUSED(self), PyObject *args)
     /* Take: no Python code runs (see pool_take), so no other thread either,
      * and a connection taken can be put back as it was. */
     while (PyDict_Next(groups, &pos, &index, &keys)) {
-        Py_ssize_t at = PyLong_Check(index) ? PyLong_AsSsize_t(index) : -1;
-        PyObject *pool, *conn;
+        PyObject *pool = pool_at(pools, index), *conn;
         int native;
-        if (at < 0 || at >= PyTuple_GET_SIZE(pools)) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_IndexError, "a group's index is not a server's");
-            }
-            goto fail;
-        }
-        pool = PyTuple_GET_ITEM(pools, at);
-        conn = take_conn(pool);
-        if (conn == NULL) {
+        if (pool == NULL || (conn = take_conn(pool)) == NULL) {
             goto fail;
         }
         if (conn == Py_None) {
@@ -2156,12 +2171,10 @@ get_pooled(PyObject *Py_UNUSED(self), PyObject *args)
         }
         /* Closed and its slot freed here, before Python sees it: nothing
          * raised between here and the caller's handling can keep it. */
-        attr = PyObject_CallMethodOneArg(taken[i].pool, s_discard, taken[i].conn);
-        if (attr == NULL) {
+        if (discard_one(taken[i].pool, taken[i].conn) < 0) {
             Py_DECREF(one);
             goto fail;
         }
-        Py_DECREF(attr);
         taken[i].held = 0;
         attr = PyTuple_Pack(4, taken[i].index, taken[i].conn, taken[i].keys, one);
         Py_DECREF(one);
@@ -2210,16 +2223,9 @@ take_placed(PyObject *pools, PyObject *scored, PyObject *key, PyObject **index, 
             PyObject **conn)
 {
     PyObject *attr;
-    Py_ssize_t at;
     int native;
     unsigned char stack[PLACE_STACK];
     *index = *conn = NULL;
-    if (!PyTuple_Check(pools)) {
-        /* A tuple, which no thread can change while the GIL is released:
-         * the pools are borrowed from it until the end. */
-        PyErr_SetString(PyExc_TypeError, "pools must be a tuple");
-        return -1;
-    }
     if ((scored = scored_arg(scored)) == NULL) {
         return -1;
     }
@@ -2230,16 +2236,7 @@ take_placed(PyObject *pools, PyObject *scored, PyObject *key, PyObject **index, 
     if (*index == NULL) {
         return -1;
     }
-    at = PyLong_Check(*index) ? PyLong_AsSsize_t(*index) : -1;
-    if (at < 0 || at >= PyTuple_GET_SIZE(pools)) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_IndexError, "a placed index is not a server's");
-        }
-        Py_CLEAR(*index);
-        return -1;
-    }
-    *pool = PyTuple_GET_ITEM(pools, at);
-    if ((*conn = take_conn(*pool)) == NULL) {
+    if ((*pool = pool_at(pools, *index)) == NULL || (*conn = take_conn(*pool)) == NULL) {
         Py_CLEAR(*index);
         return -1;
     }
@@ -2281,11 +2278,7 @@ placed_done(PyObject *index, PyObject *pool, PyObject *conn, PyObject *outcome, 
 {
     if (outcome != NULL && failed) {
         /* Closed and its slot freed before Python sees it (as get_pooled). */
-        PyObject *list = PyObject_CallMethodOneArg(pool, s_discard, conn);
-        if (list != NULL) {
-            Py_DECREF(list);
-            list = PyList_New(3);
-        }
+        PyObject *list = discard_one(pool, conn) < 0 ? NULL : PyList_New(3);
         if (list != NULL) {
             PyList_SET_ITEM(list, 0, index);
             PyList_SET_ITEM(list, 1, conn);
