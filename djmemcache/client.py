@@ -294,7 +294,7 @@ class Client:
                 try:
                     entry[3] = send(conn, batch, deadline)
                 except BaseException as exc:
-                    results.append((batch, self._settle(index, conn, command, exc, retry, send, read, batch)))
+                    results.append((batch, self._settle(index, conn, command, exc, retry)))
                     held.pop()
             if natives:
                 if timeout is not None:
@@ -311,7 +311,7 @@ class Client:
                     else:
                         outcome = read(conn, token, deadline)
                 except BaseException as exc:
-                    outcome = self._settle(index, conn, command, exc, retry, send, read, batch)
+                    outcome = self._settle(index, conn, command, exc, retry)
                     held.pop(0)
                 else:
                     # Off the list first: once given back it may be another
@@ -320,35 +320,57 @@ class Client:
                     pool = self.pools[index]
                     give_back(pool, conn) or pool.release(conn)
                 results.append((batch, outcome))
+            if any(type(outcome) is _Retry for _batch, outcome in results):
+                self._retry_together(command, results, send, read, native, into)
         except BaseException:
             for index, conn, _batch, _token in held:
                 self.pools[index].discard(conn)
             raise
         return results
 
-    def _settle(self, index, conn, command, exc, retry, send, read, batch):
-        # Never raise a server's failure out of a pipeline: the other servers'
-        # connections are still checked out and must be read and given back first.
+    def _settle(self, index, conn, command, exc, retry):
+        """A server's failure in a pipeline, as its outcome: ``_Retry`` when
+        the server closed a reused connection and ``retry`` allows one, else
+        its ``DjmemcacheError``. Never raises a server's failure: the other
+        servers' connections are still checked out and must be read and
+        given back first."""
         self.pools[index].discard(conn)
         kind = fault_kind(exc)
         if kind is None:
             raise exc
-        try:
-            return self._recover(index, conn, command, exc, kind, retry, self._random,
-                                 _Roundtrip(send, read), (batch,))
-        except DjmemcacheError as error:
-            return error
+        if retry and conn.reused and kind == LOST:
+            logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
+            return _Retry(index)
+        error = self._server_failed(index, command, exc, kind)
+        error.__cause__ = exc
+        return error
+
+    def _retry_together(self, command, results, send, read, native=None, into=None):
+        """Run the batch of every ``_Retry`` in ``results`` once more, all in
+        one pipeline, and put each outcome in its place.
+
+        Together, not one server after another: a call whose every server
+        stalls and then hangs up costs about twice TIMEOUT, not TIMEOUT more
+        for each server."""
+        again = {outcome.index: batch for batch, outcome in results if type(outcome) is _Retry}
+        retried = {id(batch): outcome
+                   for batch, outcome in self._pipeline(command, again, send, read, False, native, into)}
+        for position, (batch, outcome) in enumerate(results):
+            if type(outcome) is _Retry:
+                results[position] = (batch, retried[id(batch)])
 
     def _settle_failures(self, failures):
         """``(batch, outcome)`` of each server ``get_pooled`` saw fail (its
         connection already discarded there), as ``_pipeline`` gives them:
-        the batch retried once on a fresh connection when the server had
-        closed a reused one."""
+        the batches of servers that closed a reused connection retried once,
+        together, on fresh connections."""
         if len(failures) > 1:
             failures.sort(key=_server_index)  # in server order, as _pipeline reports them
-        return [(batch, self._settle(index, conn, "get", _native_failure(conn, failure), True,
-                                     Connection.send_get_many, Connection.read_get_many, batch))
-                for index, conn, batch, failure in failures]
+        results = [(batch, self._settle(index, conn, "get", _native_failure(conn, failure), True))
+                   for index, conn, batch, failure in failures]
+        if any(type(outcome) is _Retry for _batch, outcome in results):
+            self._retry_together("get", results, Connection.send_get_many, Connection.read_get_many)
+        return results
 
     def _server_failed(self, index, command, exc, kind, ban=False):
         server = self.servers[index]
@@ -695,15 +717,14 @@ def _incr(conn, key, delta):
         raise
 
 
-class _Roundtrip:
-    """send then read, as one method: how a failed pipelined batch is retried alone."""
+class _Retry:
+    """A pipeline's outcome for a server that closed a reused connection:
+    its batch runs again, with the others that did (``_retry_together``)."""
 
-    def __init__(self, send, read):
-        self.send, self.read = send, read
+    __slots__ = ("index",)
 
-    def __call__(self, conn, batch):
-        deadline = conn.deadline()
-        return self.read(conn, self.send(conn, batch, deadline), deadline)
+    def __init__(self, index):
+        self.index = index
 
 
 class _SendStore:

@@ -296,6 +296,52 @@ def test_a_server_that_always_hangs_up_costs_one_retry_at_most(make_cache, fake_
     _dropped(cache, fake_memcached)
 
 
+@pytest.mark.parametrize("command", ["get_many", "set_many", "delete_many"])
+def test_servers_that_all_stall_then_hang_up_are_retried_together_not_one_after_another(make_cache, command):
+    """Each server stalls most of TIMEOUT and then closes the reused
+    connection, and again on the fresh one: the retries run as one more
+    pipeline, so the call costs about twice TIMEOUT, where retrying one
+    server after another cost TIMEOUT more for each."""
+    from fakeserver import FakeMemcached
+
+    stall = 0.4
+    arrivals = []
+
+    def stall_then_hang_up(line, data):
+        arrivals.append(time.monotonic())
+        time.sleep(stall)
+        return CLOSE
+
+    servers = [FakeMemcached() for _ in range(4)]
+    try:
+        cache = make_cache([s.location for s in servers], {"TIMEOUT": 0.5, "IGNORE_EXC": True})
+        keys = ["key%d" % i for i in range(40)]
+        assert sorted(cache.client._group([cache.make_key(k) for k in keys])) == [0, 1, 2, 3]
+        cache.get_many(keys)  # one idle connection per server: reused by the call below
+        for server in servers:
+            server.reply(stall_then_hang_up, stall_then_hang_up)
+        call = {"get_many": lambda: cache.get_many(keys),
+                "set_many": lambda: cache.set_many({k: k for k in keys}),
+                "delete_many": lambda: cache.delete_many(keys)}[command]
+        started = time.monotonic()
+        outcome = call()
+        elapsed = time.monotonic() - started
+        if command == "set_many":
+            outcome = sorted(outcome, key=keys.index)  # not stored: every key
+        assert outcome == {"get_many": {}, "set_many": keys, "delete_many": None}[command]
+        assert len(arrivals) == 8  # each server: the reused connection, then one fresh one
+        first, retries = sorted(arrivals[:4]), sorted(arrivals[4:])
+        assert retries[0] >= first[0] + stall  # after the first hang-up
+        # All four retries under way before the first of them has hung up.
+        assert retries[-1] - retries[0] < stall
+        assert elapsed < LIMIT
+        assert [s["in_use"] for s in cache.stats()] == [0, 0, 0, 0]
+        assert [s["state"] for s in cache.stats()] == ["up"] * 4  # they answered: hung up, not timed out
+    finally:
+        for server in servers:
+            server.stop()
+
+
 # -- error replies, for every command -----------------------------------------
 
 @pytest.mark.parametrize("error", [b"SERVER_ERROR out of memory", b"CLIENT_ERROR bad command line format",
