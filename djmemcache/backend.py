@@ -10,6 +10,7 @@ import asyncio
 import math
 import re
 import threading
+from decimal import Decimal
 from functools import partial
 
 import pymemcache
@@ -31,6 +32,14 @@ from djmemcache.options import MAX_KEY_LENGTH, parse_options
 _prefixed = getattr(_load_speedups(), "prefixed", None)
 
 _BAD_KEY_CHAR = re.compile(r"[\x00-\x20\x7f]")
+
+# Timeouts that can be inf or nan, which Django's int() would meet as an
+# OverflowError or a ValueError of its own: refused by name instead.
+_INEXACT = (float, Decimal)
+
+
+def _finite(timeout):
+    return math.isfinite(timeout) if isinstance(timeout, float) else timeout.is_finite()
 
 _parsed = {}
 _parsed_lock = threading.Lock()
@@ -140,7 +149,7 @@ class PyMemcacheCache(BaseMemcachedCache):
         exptime means the largest (an absolute time in January 2038), below
         the smallest means "expire now"; inf and nan are refused.
         """
-        if isinstance(timeout, float) and not math.isfinite(timeout):
+        if isinstance(timeout, _INEXACT) and not _finite(timeout):
             raise ValueError("cache timeout must be a finite number of seconds or None, not %r" % timeout)
         expire = super().get_backend_timeout(timeout)
         if expire > EXPTIME_MAX:
@@ -233,7 +242,7 @@ class PyMemcacheCache(BaseMemcachedCache):
         not callable has nothing to protect."""
         if not self.config.stampede_protection or not callable(default):
             return super().get_or_set(key, default, timeout=timeout, version=version)
-        if isinstance(timeout, float) and not math.isfinite(timeout):
+        if isinstance(timeout, _INEXACT) and not _finite(timeout):
             self.get_backend_timeout(timeout)  # raises, before anything is sent
         key = self.make_and_validate_key(key, version=version)
         guard = self._guard

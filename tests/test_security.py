@@ -8,6 +8,7 @@ import ssl
 import sys
 import threading
 import time
+from decimal import Decimal
 
 import pytest
 
@@ -274,7 +275,8 @@ def test_client_refuses_an_expiry_outside_32_bits_before_any_connection(make_cac
     assert client.status()[0]["opened"] == 0
 
 
-@pytest.mark.parametrize("timeout", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("timeout", [float("inf"), float("-inf"), float("nan"), Decimal("Infinity"),
+                                     Decimal("-Infinity"), Decimal("NaN"), Decimal("sNaN")])
 @pytest.mark.parametrize("command", STORE_CALLS)
 def test_infinite_or_nan_timeout_raises_before_any_connection_is_used(make_cache, mc1, command, timeout):
     cache = make_cache(mc1.location, {"IGNORE_EXC": False})
