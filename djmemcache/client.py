@@ -269,6 +269,7 @@ class Client:
         timeout = self.options.timeout
         deadline = None
         results = []
+        retrying = False  # some server closed a reused connection: _retry_together
         held = []  # [index, conn, batch, token] whose reply is still to be read
         natives = []  # those of held that run through _speedups
         try:
@@ -296,6 +297,7 @@ class Client:
                 except BaseException as exc:
                     results.append((batch, self._settle(index, conn, command, exc, retry)))
                     held.pop()
+                    retrying = retrying or type(results[-1][1]) is _Retry
             if natives:
                 if timeout is not None:
                     deadline = time.monotonic() + timeout  # the latest: nothing of theirs is sent yet
@@ -313,6 +315,7 @@ class Client:
                 except BaseException as exc:
                     outcome = self._settle(index, conn, command, exc, retry)
                     held.pop(0)
+                    retrying = retrying or type(outcome) is _Retry
                 else:
                     # Off the list first: once given back it may be another
                     # caller's, even if release() is interrupted.
@@ -320,7 +323,7 @@ class Client:
                     pool = self.pools[index]
                     give_back(pool, conn) or pool.release(conn)
                 results.append((batch, outcome))
-            if any(type(outcome) is _Retry for _batch, outcome in results):
+            if retrying:
                 self._retry_together(command, results, send, read, native, into)
         except BaseException:
             for index, conn, _batch, _token in held:

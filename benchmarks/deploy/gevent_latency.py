@@ -117,6 +117,28 @@ def gunicorn(backend, location, options, workers, log, bindir, extra=(), worker_
     return proc, port
 
 
+def _workers_usage(master):
+    """CPU seconds (user + system) and context switches (voluntary +
+    involuntary, every thread) of gunicorn's workers so far, from /proc."""
+    cpu = switches = 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != master:  # ppid
+                continue
+            cpu += (int(fields[11]) + int(fields[12])) / tick
+            for task in os.listdir("/proc/%s/task" % entry):
+                with open("/proc/%s/task/%s/status" % (entry, task)) as f:
+                    switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+        except (OSError, IndexError, ValueError):  # a process that just exited
+            continue
+    return cpu, switches
+
+
 def wrk(port, seconds, connections, script):
     output = subprocess.run(
         ["wrk", "-t", "2", "-c", str(connections), "-d", "%ds" % seconds, "--latency",
@@ -177,11 +199,14 @@ def _run(args, names, backends, location, extra):
     summary = {}
     for name in names:
         runs = figures[name]
-        summary[name] = {k: statistics.median(r[k] for r in runs) for k in ("p50", "p99", "max", "rps")}
+        summary[name] = {k: statistics.median(r[k] for r in runs)
+                         for k in ("p50", "p99", "max", "rps", "cpu_us", "switches")}
         summary[name]["errors"] = sum(r["errors"] for r in runs)
         s = summary[name]
-        print("  %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
-              % (name, 1000 * s["p50"], 1000 * s["p99"], 1000 * s["max"], s["rps"], s["errors"]))
+        print("  %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d  "
+              "workers' CPU %4.0f us  switches %4.1f per request"
+              % (name, 1000 * s["p50"], 1000 * s["p99"], 1000 * s["max"], s["rps"], s["errors"],
+                 s["cpu_us"], s["switches"]))
     if any(word in tail for word in ("Traceback", "ERROR", "blacklisted", "ignored")):
         print("\ngunicorn log (tail):\n" + tail)
     if args.log:
@@ -200,15 +225,21 @@ def _rounds(args, names, backends, location, extra, script, log, figures):
                                   args.worker_class)
             try:
                 wrk(port, 2, args.connections, script)  # warm up: connections, imports
+                cpu, switches = _workers_usage(proc.pid)
                 result = wrk(port, args.seconds, args.connections, script)
+                after = _workers_usage(proc.pid)
+                served = result["rps"] * args.seconds
+                result["cpu_us"] = (after[0] - cpu) / served * 1e6
+                result["switches"] = (after[1] - switches) / served
             finally:
                 proc.terminate()
                 proc.wait()
             figures[name].append(result)
-            print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d"
-                  % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"],
-                     1000 * result["max"], result["rps"], result["errors"]), result.get("socket_errors", ""),
-                  flush=True)
+            print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d  "
+                  "workers' CPU %4.0f us  switches %4.1f per request"
+                  % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"], 1000 * result["max"],
+                     result["rps"], result["errors"], result["cpu_us"], result["switches"]),
+                  result.get("socket_errors", ""), flush=True)
     log.seek(0)
     return log.read()
 
