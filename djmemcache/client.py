@@ -30,6 +30,7 @@ from djmemcache.connection import (
     _native_failure,
     _store_outcome,
     exchange_many,
+    send_unsent,
     tls_context_for,
 )
 from djmemcache.exceptions import (
@@ -293,11 +294,13 @@ class Client:
                     # get a healthy server blacklisted for a timeout it never had.
                     deadline = time.monotonic() + timeout
                 try:
-                    entry[3] = send(conn, batch, deadline)
+                    entry[3] = send(conn, batch, deadline, True)  # what does not fit now: below
                 except BaseException as exc:
                     results.append((batch, self._settle(index, conn, command, exc, retry)))
                     held.pop()
                     retrying = retrying or type(results[-1][1]) is _Retry
+            if len(held) > len(natives) and any(entry[1].unsent for entry in held):
+                retrying = self._send_unsent(command, held, results, deadline, retry) or retrying
             if natives:
                 if timeout is not None:
                     deadline = time.monotonic() + timeout  # the latest: nothing of theirs is sent yet
@@ -330,6 +333,20 @@ class Client:
                 self.pools[index].discard(conn)
             raise
         return results
+
+    def _send_unsent(self, command, held, results, deadline, retry):
+        """Send every server in ``held`` the rest of its command at once (a
+        large ``set_many``); each failure is settled and its entry dropped.
+        True when one of them is to be retried."""
+        pending = [entry for entry in held if entry[1].unsent]
+        retrying = False
+        for entry, exc in zip(pending, send_unsent([entry[1] for entry in pending], deadline), strict=True):
+            if exc is not None:
+                index, conn, batch, _token = entry
+                results.append((batch, self._settle(index, conn, command, exc, retry)))
+                held.remove(entry)
+                retrying = retrying or type(results[-1][1]) is _Retry
+        return retrying
 
     def _settle(self, index, conn, command, exc, retry):
         """A server's failure in a pipeline, as its outcome: ``_Retry`` when
@@ -734,8 +751,8 @@ class _SendStore:
     def __init__(self, command, expire):
         self.command, self.expire = command, expire
 
-    def __call__(self, conn, items, deadline=None):
-        return conn.send_store(self.command, items, self.expire, deadline)
+    def __call__(self, conn, items, deadline=None, defer=False):
+        return conn.send_store(self.command, items, self.expire, deadline, defer)
 
 
 def _describe(exc):

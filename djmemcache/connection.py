@@ -180,6 +180,43 @@ def _stdlib_poll():
     return select.poll
 
 
+def send_unsent(conns, deadline):
+    """Finish the deferred sends (``Connection._send``) of ``conns`` by
+    ``deadline``, all at once: one ``poll`` waits for room in any of their
+    sockets. Returns, for each connection, None once all is sent, else the
+    exception of its failure (``IOTimeout`` at the deadline).
+
+    As ``_wait``, past the deadline it looks once more without waiting."""
+    failures = [None] * len(conns)
+    waiting = {}  # fd -> index, of those with bytes left
+    poller = select.poll()
+    for i, conn in enumerate(conns):
+        if conn.unsent:
+            waiting[conn._fd] = i
+            poller.register(conn._fd, select.POLLOUT)
+    while waiting:
+        late = deadline is not None and _monotonic() >= deadline
+        wait_ms = 0 if late else None if deadline is None else math.ceil((deadline - _monotonic()) * 1000)
+        for fd, _events in poller.poll(max(wait_ms, 0) if wait_ms is not None else None):
+            conn = conns[waiting[fd]]
+            try:
+                while conn.unsent:
+                    conn.unsent = conn.unsent[conn.sock.send(conn.unsent, _SEND_FLAGS):]
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                failures[waiting[fd]] = exc
+            else:
+                conn.unsent = None  # not an empty view that keeps the command alive
+            poller.unregister(fd)
+            del waiting[fd]
+        if late:
+            for i in waiting.values():
+                failures[i] = IOTimeout("timed out")
+            break
+    return failures
+
+
 def _ready(sock, events):
     """True when ``sock`` is ready for ``events`` right now (never waits)."""
     poller = _stdlib_poll()()
@@ -280,6 +317,7 @@ class Connection:
         self._native = False  # round trips through _speedups (see connect)
         self._native_get = False
         self._read_late_for = None  # the deadline of a command read at twice TIMEOUT (_recv)
+        self.unsent = None  # what a deferred send left for send_unsent (a memoryview)
         # The pool's state, all set here: the pool's C path (_speedups.pool_give)
         # then only replaces values, never adds an attribute (which could
         # allocate a dict and run the collector).
@@ -401,12 +439,18 @@ class Connection:
 
     # -- the socket, with the deadline ---------------------------------------
 
-    def _send(self, data, deadline=None):
+    def _send(self, data, deadline=None, defer=False):
         """Send all of ``data`` by ``deadline`` (default: TIMEOUT from now).
 
         A small command goes out in one non-blocking ``send`` that keeps the
         GIL (it cannot stall the process); the rest, or a large command,
         waits for room in the socket buffer with the GIL released.
+
+        ``defer`` (a pipeline's sends): on a plain socket outside gevent,
+        send what the socket takes now and leave the rest in ``unsent`` for
+        ``send_unsent``, which waits for every server at once: a server that
+        stops reading must not hold up the sends to the others, each for
+        TIMEOUT.
         """
         if self._send_now and len(data) <= SEND_NOW_MAX:
             sent = _send_without_releasing_gil(self._fd, data, _size_t(len(data)), _SEND_NOW_FLAGS)
@@ -418,6 +462,13 @@ class Connection:
             deadline = self.deadline()
         view = memoryview(data)
         sock = self.sock
+        if defer and not self._tls and not self._green:
+            try:
+                while view:
+                    view = view[sock.send(view, _SEND_FLAGS):]
+            except BlockingIOError:
+                self.unsent = view
+            return
         while view:
             if self._tls:
                 try:
@@ -706,9 +757,9 @@ class Connection:
             return {prefix + key.encode("utf-8"): key for key in keys}
         return {key.encode("utf-8"): key for key in keys}
 
-    def send_get_many(self, keys, deadline=None):
+    def send_get_many(self, keys, deadline=None, defer=False):
         wires = self._wires(keys)
-        self._send(b"get " + b" ".join(wires) + b"\r\n", deadline)
+        self._send(b"get " + b" ".join(wires) + b"\r\n", deadline, defer)
         return wires
 
     def get_many_request(self, keys):
@@ -738,7 +789,7 @@ class Connection:
 
     # -- storage ------------------------------------------------------------
 
-    def send_store(self, command, items, expire, deadline=None):
+    def send_store(self, command, items, expire, deadline=None, defer=False):
         """Send one storage command per ``key: (data, flags)`` item.
 
         The client has checked every field (expiry, flags, length) against
@@ -749,7 +800,7 @@ class Connection:
         self._send(b"".join(
             b"%s %s %d%s%d\r\n%s\r\n" % (command, self._wire(key), flags, tail, len(data), data)
             for key, (data, flags) in items.items()
-        ), deadline)
+        ), deadline, defer)
         return list(items)
 
     def read_store(self, keys, deadline=None):
@@ -814,8 +865,8 @@ class Connection:
 
     # -- the rest -----------------------------------------------------------
 
-    def send_delete_many(self, keys, deadline=None):
-        self._send(b"".join(b"delete " + self._wire(key) + b"\r\n" for key in keys), deadline)
+    def send_delete_many(self, keys, deadline=None, defer=False):
+        self._send(b"".join(b"delete " + self._wire(key) + b"\r\n" for key in keys), deadline, defer)
         return list(keys)
 
     def read_delete_many(self, keys, deadline=None):

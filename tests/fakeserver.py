@@ -45,8 +45,10 @@ def default_reply(line, data=None):
 class FakeMemcached:
     """A server on a free loopback port; ``reply(...)`` queues its answers."""
 
-    def __init__(self):
+    def __init__(self, recv_buffer=None):
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if recv_buffer is not None:  # inherited by what it accepts: a server that stops reading fills it soon
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
         self._listener.settimeout(_POLL)

@@ -342,6 +342,42 @@ def test_servers_that_all_stall_then_hang_up_are_retried_together_not_one_after_
             server.stop()
 
 
+@pytest.mark.parametrize("hang_up", [False, True], ids=["stop-reading", "stop-reading-then-hang-up"])
+def test_a_large_set_many_to_servers_that_stop_reading_costs_one_timeout_not_one_per_server(make_cache, hang_up):
+    """The rest of each server's command, past what its socket takes at
+    once, is sent to every server together (``send_unsent``): servers that
+    all stop reading cost TIMEOUT once (twice when they then hang up and
+    are retried), where sending to one after another cost TIMEOUT each."""
+    from fakeserver import FakeMemcached
+
+    timeout, count = 0.5, 6
+
+    def stall(line, data):
+        time.sleep(0.4 if hang_up else 3.0)  # reading nothing meanwhile
+        return CLOSE
+
+    servers = [FakeMemcached(recv_buffer=4096) for _ in range(count)]
+    try:
+        cache = make_cache([s.location for s in servers], {"TIMEOUT": timeout, "IGNORE_EXC": True})
+        keys = ["key%d" % i for i in range(48)]
+        assert sorted(cache.client._group([cache.make_key(k) for k in keys])) == list(range(count))
+        cache.get_many(keys)  # one idle connection per server: reused by the call below
+        for server in servers:
+            server.reply(stall, stall)
+        started = time.monotonic()
+        failed = cache.set_many({key: b"x" * (900 * 1024) for key in keys})
+        elapsed = time.monotonic() - started
+        assert sorted(failed) == sorted(keys)
+        assert [s["in_use"] for s in cache.stats()] == [0] * count
+        # One server after another: 3 s, or 4.8 s with the retries.
+        assert elapsed < 3.5 * timeout, "set_many took %.2f s with TIMEOUT %s" % (elapsed, timeout)
+        states = {s["state"] for s in cache.stats()}
+        assert states == ({"up"} if hang_up else {"blacklisted"}), states
+    finally:
+        for server in servers:
+            server.stop()
+
+
 # -- error replies, for every command -----------------------------------------
 
 @pytest.mark.parametrize("error", [b"SERVER_ERROR out of memory", b"CLIENT_ERROR bad command line format",
