@@ -247,6 +247,7 @@ class Client:
         """``method`` failed on ``conn`` (already discarded): retry once, or raise."""
         if retry and conn.reused and kind == LOST:
             logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
+            self.pools[index].clear_idle()  # see _settle
             return self._call(index, command, method, *args, anywhere=anywhere)
         raise self._server_failed(index, command, exc, kind) from exc
 
@@ -360,6 +361,9 @@ class Client:
             raise exc
         if retry and conn.reused and kind == LOST:
             logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
+            # Its other idle connections are suspect too (a restart, a NAT or
+            # firewall that dropped them): the retry is on a fresh one.
+            self.pools[index].clear_idle()
             return _Retry(index)
         error = self._server_failed(index, command, exc, kind)
         error.__cause__ = exc

@@ -57,6 +57,8 @@ class FakeMemcached:
         self.accepted = 0  # connections accepted so far
         self.replied = 0  # replies sent in full
         self._open = 0  # connections neither side has closed yet
+        self._live = set()  # the sockets of those connections
+        self._doomed = set()  # sockets to close on their next command (hang_up_existing)
         self._script = collections.deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -68,6 +70,12 @@ class FakeMemcached:
         with self._lock:
             self._script.extend(replies)
         return self
+
+    def hang_up_existing(self):
+        """Close each connection open now on its next command, as a NAT or
+        firewall that dropped them does; new connections are served."""
+        with self._lock:
+            self._doomed |= self._live
 
     def forget(self):
         """Drop the replies not used (a call that failed before sending them all)."""
@@ -110,6 +118,7 @@ class FakeMemcached:
             with self._lock:
                 self.accepted += 1
                 self._open += 1
+                self._live.add(conn)
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -130,6 +139,8 @@ class FakeMemcached:
                         return
                     data = data[:-2]
                 with self._lock:
+                    if conn in self._doomed:
+                        return
                     self.received.append((line, data))
                     reply = self._script.popleft() if self._script else default_reply
                 if callable(reply):
@@ -149,6 +160,8 @@ class FakeMemcached:
             conn.close()
             with self._lock:
                 self._open -= 1
+                self._live.discard(conn)
+                self._doomed.discard(conn)
 
 
 def _send(conn, reply, stop):

@@ -378,6 +378,33 @@ def test_a_large_set_many_to_servers_that_stop_reading_costs_one_timeout_not_one
             server.stop()
 
 
+@pytest.mark.parametrize("command", ["get", "set", "delete", "touch", "get_many", "set_many", "delete_many"])
+def test_after_pooled_connections_were_dropped_the_retry_is_on_a_fresh_connection(make_cache, fake_memcached,
+                                                                                  command):
+    """A NAT or firewall dropped every pooled connection (they fail only when
+    used): the retry opens a fresh connection instead of taking another of
+    the dropped ones, so the caller sees nothing."""
+    cache = make_cache(fake_memcached.location, {"TIMEOUT": TIMEOUT, "IGNORE_EXC": False})
+    pool = cache.client.pools[0]
+    held = [pool.acquire() for _ in range(3)]
+    for conn in held:
+        pool.release(conn)
+    assert cache.stats()[0]["idle"] == 3
+    waited = time.monotonic() + 10
+    while fake_memcached.accepted < 3 and time.monotonic() < waited:  # the server's side of them
+        time.sleep(0.005)
+    fake_memcached.hang_up_existing()
+    accepted = fake_memcached.accepted
+    call = {"get": lambda: cache.get("a"), "set": lambda: cache.set("a", 1), "delete": lambda: cache.delete("a"),
+            "touch": lambda: cache.touch("a"), "get_many": lambda: cache.get_many(["a", "b"]),
+            "set_many": lambda: cache.set_many({"a": 1, "b": 2}),
+            "delete_many": lambda: cache.delete_many(["a", "b"])}[command]
+    call()  # no ServerError
+    assert fake_memcached.accepted == accepted + 1
+    status = cache.stats()[0]
+    assert (status["in_use"], status["idle"], status["state"]) == (0, 1, "up")
+
+
 # -- error replies, for every command -----------------------------------------
 
 @pytest.mark.parametrize("error", [b"SERVER_ERROR out of memory", b"CLIENT_ERROR bad command line format",
