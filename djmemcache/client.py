@@ -238,20 +238,20 @@ class Client:
             kind = fault_kind(exc)
             if kind is None:
                 raise
-            return self._recover(index, conn, command, exc, kind, retry, anywhere, method, args)
+            return self._recover(index, conn, command, exc, kind, retry, method, args)
         pool = self.pools[index]
         give_back(pool, conn) or pool.release(conn)
         return result
 
-    def _recover(self, index, conn, command, exc, kind, retry, anywhere, method, args):
+    def _recover(self, index, conn, command, exc, kind, retry, method, args):
         """``method`` failed on ``conn`` (already discarded): retry once, or raise."""
         if retry and conn.reused and kind == LOST:
             logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
             self.pools[index].clear_idle()  # see _settle
-            return self._call(index, command, method, *args, anywhere=anywhere)
+            return self._call(index, command, method, *args, anywhere=False)
         raise self._server_failed(index, command, exc, kind) from exc
 
-    def _pipeline(self, command, batches, send, read, retry, native=None, into=None):
+    def _pipeline(self, command, batches, send, read, retry, native=None, into=None, anywhere=None):
         """Run a multi-key command on several servers at once.
 
         Every server is sent its batch before any reply is read, so the
@@ -266,8 +266,12 @@ class Client:
         one C call (one GIL release for every server, values put in
         ``into``) before the others' replies are read, and ``outcome``
         raises a server's failure as ``read`` would.
+
+        ``anywhere``: in random distribution, whether a batch may go to
+        another live server (default) or must stay on its own (a retry).
         """
-        anywhere = self._random
+        if anywhere is None:
+            anywhere = self._random
         timeout = self.options.timeout
         deadline = None
         results = []
@@ -362,7 +366,9 @@ class Client:
         if retry and conn.reused and kind == LOST:
             logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
             # Its other idle connections are suspect too (a restart, a NAT or
-            # firewall that dropped them): the retry is on a fresh one.
+            # firewall that dropped them): the retry is on a fresh one, to the
+            # same server (in random distribution too: another server's idle
+            # connections may have been dropped as well).
             self.pools[index].clear_idle()
             return _Retry(index)
         error = self._server_failed(index, command, exc, kind)
@@ -378,7 +384,8 @@ class Client:
         for each server."""
         again = {outcome.index: batch for batch, outcome in results if type(outcome) is _Retry}
         retried = {id(batch): outcome
-                   for batch, outcome in self._pipeline(command, again, send, read, False, native, into)}
+                   for batch, outcome in self._pipeline(command, again, send, read, False, native, into,
+                                                        anywhere=False)}
         for position, (batch, outcome) in enumerate(results):
             if type(outcome) is _Retry:
                 results[position] = (batch, retried[id(batch)])
@@ -503,7 +510,7 @@ class Client:
         kind = fault_kind(exc)
         if kind is None:
             raise exc
-        return self._recover(index, conn, command, exc, kind, retry, False, method, args)
+        return self._recover(index, conn, command, exc, kind, retry, method, args)
 
     def get_many(self, keys, names=None):
         """``{key: value}`` of the keys found; with ``names``, ``{names[key]: value}``."""

@@ -412,6 +412,7 @@ class Connection:
         sock, self.sock = self.sock, None
         self._fd = -1
         self._buf = b""
+        self.unsent = None  # a failure's traceback may keep the connection, not the command
         if sock is not None:
             sock.close()
 

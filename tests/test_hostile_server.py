@@ -405,6 +405,66 @@ def test_after_pooled_connections_were_dropped_the_retry_is_on_a_fresh_connectio
     assert (status["in_use"], status["idle"], status["state"]) == (0, 1, "up")
 
 
+@pytest.mark.parametrize("command", ["get", "set", "delete", "get_many", "set_many", "delete_many"])
+def test_in_random_distribution_the_retry_after_dropped_connections_is_fresh_too(make_cache, command):
+    """Every pooled connection to every server was dropped: the retry stays
+    on the server that failed, on a fresh connection, rather than taking
+    another server's dropped one."""
+    from fakeserver import FakeMemcached
+
+    servers = [FakeMemcached() for _ in range(2)]
+    try:
+        cache = make_cache([s.location for s in servers],
+                           {"TIMEOUT": TIMEOUT, "IGNORE_EXC": False, "DISTRIBUTION": "random"})
+        for pool in cache.client.pools:  # two idle connections to each server
+            held = [pool.acquire() for _ in range(2)]
+            for conn in held:
+                pool.release(conn)
+        waited = time.monotonic() + 10
+        while sum(s.accepted for s in servers) < 4 and time.monotonic() < waited:
+            time.sleep(0.005)
+        for server in servers:
+            server.hang_up_existing()
+        call = {"get": lambda: cache.get("a"), "set": lambda: cache.set("a", 1),
+                "delete": lambda: cache.delete("a"), "get_many": lambda: cache.get_many(["a", "b"]),
+                "set_many": lambda: cache.set_many({"a": 1, "b": 2}),
+                "delete_many": lambda: cache.delete_many(["a", "b"])}[command]
+        call()  # no ServerError
+        assert sum(s.accepted for s in servers) == 5
+        assert [s["in_use"] for s in cache.stats()] == [0, 0]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_connection_whose_deferred_send_failed_keeps_none_of_the_command(make_cache, monkeypatch):
+    """The failure's traceback may keep the closed connection alive (a
+    ServerError's cause, kept by an error reporter), but not the megabytes
+    of its command."""
+    from fakeserver import FakeMemcached
+
+    from djmemcache import client as client_module
+
+    server = FakeMemcached(recv_buffer=4096)
+    seen = []
+
+    def spy(conns, deadline):
+        seen.extend(conns)
+        return real(conns, deadline)
+
+    real = client_module.send_unsent
+    monkeypatch.setattr(client_module, "send_unsent", spy)
+    try:
+        cache = make_cache(server.location, {"TIMEOUT": TIMEOUT, "IGNORE_EXC": False})
+        server.reply(lambda line, data: (time.sleep(0.2), CLOSE)[1])
+        with pytest.raises(ServerError):
+            cache.set_many({"k%d" % i: b"x" * (900 * 1024) for i in range(8)})
+        assert seen, "the command fitted the socket buffer: nothing was deferred"
+        assert [(conn.sock, conn.unsent) for conn in seen] == [(None, None)] * len(seen)
+    finally:
+        server.stop()
+
+
 # -- error replies, for every command -----------------------------------------
 
 @pytest.mark.parametrize("error", [b"SERVER_ERROR out of memory", b"CLIENT_ERROR bad command line format",
