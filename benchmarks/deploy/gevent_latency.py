@@ -11,7 +11,12 @@ pylibmc::
 Starts one memcached, then for each backend a gunicorn with gevent workers
 serving tests/deploy_app.py (a view doing get, set on a miss, get_many),
 and drives it with wrk (32 connections, keys spread over 1000 items). The
-backends' rounds are interleaved; the median of each figure is printed. On
+backends' rounds are interleaved; the median of each figure is printed,
+with the workers' CPU and context switches per request. With several
+workers it also says how many of wrk's connections each worker held:
+they stay with whichever worker won each accept, the split is a lottery
+(29 and 3 as often as 16 and 16), and an uneven round runs slower whatever
+the cache, so the medians of the even rounds are printed too. On
 a shared machine the p99s are noisy: compare backends within one run.
 Timing is only reported, never asserted.
 
@@ -33,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,6 +64,10 @@ end
 """
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+#: A round counts as even when every worker holds at least this share of
+#: an even split of wrk's connections.
+EVEN = 0.5
 
 
 def _seconds(text):
@@ -118,9 +128,11 @@ def gunicorn(backend, location, options, workers, log, bindir, extra=(), worker_
 
 
 def _workers_usage(master):
-    """CPU seconds (user + system) and context switches (voluntary +
-    involuntary, every thread) of gunicorn's workers so far, from /proc."""
-    cpu = switches = 0
+    """CPU seconds (user + system) of each of gunicorn's workers so far
+    (pid -> seconds), and their context switches (voluntary + involuntary,
+    every thread), from /proc."""
+    cpu = {}
+    switches = 0
     tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -130,13 +142,42 @@ def _workers_usage(master):
                 fields = f.read().rsplit(")", 1)[1].split()
             if int(fields[1]) != master:  # ppid
                 continue
-            cpu += (int(fields[11]) + int(fields[12])) / tick
+            cpu[entry] = (int(fields[11]) + int(fields[12])) / tick
             for task in os.listdir("/proc/%s/task" % entry):
                 with open("/proc/%s/task/%s/status" % (entry, task)) as f:
                     switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
         except (OSError, IndexError, ValueError):  # a process that just exited
             continue
     return cpu, switches
+
+
+def _connections_per_worker(master, port):
+    """Established connections to ``port`` that each of gunicorn's workers
+    holds now (pid -> count), from /proc: wrk's keep-alive connections stay
+    with the worker that accepted them."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                        inodes.add(fields[9])
+        except OSError:
+            continue
+    held = {}
+    for pid in _workers_usage(master)[0]:
+        try:
+            links = [os.readlink("/proc/%s/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%s/fd" % pid)]
+        except OSError:
+            continue
+        held[pid] = sum(link[8:-1] in inodes for link in links if link.startswith("socket:["))
+    return held
+
+
+def _look_at_split(into, master, port):
+    into.update(_connections_per_worker(master, port))
 
 
 def wrk(port, seconds, connections, script):
@@ -199,20 +240,38 @@ def _run(args, names, backends, location, extra):
     summary = {}
     for name in names:
         runs = figures[name]
-        summary[name] = {k: statistics.median(r[k] for r in runs)
-                         for k in ("p50", "p99", "max", "rps", "cpu_us", "switches")}
+        summary[name] = _medians(runs)
         summary[name]["errors"] = sum(r["errors"] for r in runs)
+        even = [r for r in runs if _even(r, args)]
+        summary[name]["even_rounds"] = len(even)
+        summary[name]["even"] = _medians(even) if even else None
         s = summary[name]
         print("  %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d  "
               "workers' CPU %4.0f us  switches %4.1f per request"
               % (name, 1000 * s["p50"], 1000 * s["p99"], 1000 * s["max"], s["rps"], s["errors"],
                  s["cpu_us"], s["switches"]))
+    if args.workers > 1:
+        print("rounds where each worker held at least %d%% of an even share of wrk's connections:"
+              % (100 * EVEN))
+        for name in names:
+            s = summary[name]
+            print("  %-10s %s of %d rounds%s" % (name, s["even_rounds"], len(figures[name]),
+                                                  "  %7.0f req/s" % s["even"]["rps"] if s["even"] else ""))
     if any(word in tail for word in ("Traceback", "ERROR", "blacklisted", "ignored")):
         print("\ngunicorn log (tail):\n" + tail)
     if args.log:
         with open(args.log, "w") as f:
             f.write(full_log)
     return summary
+
+
+def _even(result, args):
+    split = result["split"]
+    return len(split) == args.workers and min(split) >= EVEN * args.connections / args.workers
+
+
+def _medians(runs):
+    return {k: statistics.median(r[k] for r in runs) for k in ("p50", "p99", "max", "rps", "cpu_us", "switches")}
 
 
 def _rounds(args, names, backends, location, extra, script, log, figures):
@@ -226,19 +285,32 @@ def _rounds(args, names, backends, location, extra, script, log, figures):
             try:
                 wrk(port, 2, args.connections, script)  # warm up: connections, imports
                 cpu, switches = _workers_usage(proc.pid)
-                result = wrk(port, args.seconds, args.connections, script)
+                split = {}
+                look = threading.Timer(args.seconds / 2, _look_at_split, (split, proc.pid, port))
+                look.start()
+                try:
+                    result = wrk(port, args.seconds, args.connections, script)
+                finally:
+                    look.join()
                 after = _workers_usage(proc.pid)
                 served = result["rps"] * args.seconds
-                result["cpu_us"] = (after[0] - cpu) / served * 1e6
+                used = [seconds - cpu.get(pid, 0) for pid, seconds in after[0].items()]
+                result["cpu_us"] = sum(used) / served * 1e6
                 result["switches"] = (after[1] - switches) / served
+                # wrk's keep-alive connections stay with whichever worker won each
+                # accept, and the split is a lottery (29 and 3, or 32 and 0, as often
+                # as 16 and 16); a worker with more connections than threads makes
+                # them wait while the other's threads idle, whatever the cache.
+                result["split"] = sorted(split.values(), reverse=True)
             finally:
                 proc.terminate()
                 proc.wait()
             figures[name].append(result)
             print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d  "
-                  "workers' CPU %4.0f us  switches %4.1f per request"
+                  "workers' CPU %4.0f us  switches %4.1f per request  connections per worker %s%s"
                   % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"], 1000 * result["max"],
-                     result["rps"], result["errors"], result["cpu_us"], result["switches"]),
+                     result["rps"], result["errors"], result["cpu_us"], result["switches"],
+                     "/".join(map(str, result["split"])), "" if _even(result, args) else " (uneven)"),
                   result.get("socket_errors", ""), flush=True)
     log.seek(0)
     return log.read()
