@@ -190,27 +190,46 @@ class Client:
 
     # -- running one command on one server -----------------------------------
 
-    def _acquire(self, index, anywhere):
+    def _acquire(self, index, anywhere, fresh=False):
+        """``(index, connection)`` for a command on server ``index``.
+
+        ``anywhere`` (random distribution): any live server will do. ``fresh``
+        (a retry after a server hung up on a pooled connection): a new
+        connection, as other pooled ones may be dropped too; in random
+        distribution, when the server that hung up refuses it (a restarting
+        proxy), it is blacklisted and another live server takes the retry."""
         if anywhere:
-            # Prefer any live server's idle connection, then open one to a random live server.
             live = self._live()
-            start = random.randrange(len(live)) if len(live) > 1 else 0
-            for i in range(len(live)):
-                candidate = live[(start + i) % len(live)]
-                try:
-                    conn = self.pools[candidate].acquire(idle_only=True)
-                except Exception as exc:  # a stale idle connection, and the reconnect failed
-                    if fault_kind(exc) is None:
-                        raise
-                    self._connect_failed(candidate, exc)
-                    continue
-                if conn is not None:
-                    return candidate, conn
-            if index not in live:
-                index = random.choice(self._live())
+            if fresh:
+                if index in live:
+                    try:
+                        return index, self.pools[index].acquire(fresh=True)
+                    except Exception as exc:
+                        if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
+                            raise
+                        self._connect_failed(index, exc)
+                    live = self._live()
+                others = [i for i in live if i != index]
+                index = random.choice(others) if others else live[0]
+            else:
+                # Prefer any live server's idle connection, then open one to a random live server.
+                start = random.randrange(len(live)) if len(live) > 1 else 0
+                for i in range(len(live)):
+                    candidate = live[(start + i) % len(live)]
+                    try:
+                        conn = self.pools[candidate].acquire(idle_only=True)
+                    except Exception as exc:  # a stale idle connection, and the reconnect failed
+                        if fault_kind(exc) is None:
+                            raise
+                        self._connect_failed(candidate, exc)
+                        continue
+                    if conn is not None:
+                        return candidate, conn
+                if index not in live:
+                    index = random.choice(self._live())
         pool = self.pools[index]
         try:
-            return index, take_idle(pool) or pool.acquire()
+            return index, pool.acquire(fresh=True) if fresh else take_idle(pool) or pool.acquire()
         except Exception as exc:  # PoolTimeout is no fault of the server's
             if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
                 raise
@@ -220,7 +239,7 @@ class Client:
         # A failed connect is a fault of the server's whatever its errno.
         return self._server_failed(index, "connect", exc, fault_kind(exc) or LOST, ban=True)
 
-    def _call(self, index, command, method, *args, retry=False, anywhere=None):
+    def _call(self, index, command, method, *args, retry=False, anywhere=None, fresh=False):
         """Run ``method(connection, *args)`` on server ``index``.
 
         ``retry``: the command may run twice without changing the outcome
@@ -230,7 +249,7 @@ class Client:
         """
         if anywhere is None:
             anywhere = self._random  # random distribution: any live server serves any key
-        index, conn = self._acquire(index, anywhere)
+        index, conn = self._acquire(index, anywhere, fresh)
         try:
             result = method(conn, *args)
         except BaseException as exc:
@@ -238,20 +257,20 @@ class Client:
             kind = fault_kind(exc)
             if kind is None:
                 raise
-            return self._recover(index, conn, command, exc, kind, retry, method, args)
+            return self._recover(index, conn, command, exc, kind, retry, anywhere, method, args)
         pool = self.pools[index]
         give_back(pool, conn) or pool.release(conn)
         return result
 
-    def _recover(self, index, conn, command, exc, kind, retry, method, args):
+    def _recover(self, index, conn, command, exc, kind, retry, anywhere, method, args):
         """``method`` failed on ``conn`` (already discarded): retry once, or raise."""
         if retry and conn.reused and kind == LOST:
             logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
             self.pools[index].clear_idle()  # see _settle
-            return self._call(index, command, method, *args, anywhere=False)
+            return self._call(index, command, method, *args, anywhere=anywhere, fresh=True)
         raise self._server_failed(index, command, exc, kind) from exc
 
-    def _pipeline(self, command, batches, send, read, retry, native=None, into=None, anywhere=None):
+    def _pipeline(self, command, batches, send, read, retry, native=None, into=None, fresh=False):
         """Run a multi-key command on several servers at once.
 
         Every server is sent its batch before any reply is read, so the
@@ -267,11 +286,9 @@ class Client:
         ``into``) before the others' replies are read, and ``outcome``
         raises a server's failure as ``read`` would.
 
-        ``anywhere``: in random distribution, whether a batch may go to
-        another live server (default) or must stay on its own (a retry).
+        ``fresh``: on new connections (``_acquire``), for a retry.
         """
-        if anywhere is None:
-            anywhere = self._random
+        anywhere = self._random
         timeout = self.options.timeout
         deadline = None
         results = []
@@ -283,7 +300,7 @@ class Client:
             # taking them in opposite orders could each wait for the other forever.
             for index, batch in sorted(batches.items()) if len(batches) > 1 else batches.items():
                 try:
-                    index, conn = self._acquire(index, anywhere)
+                    index, conn = self._acquire(index, anywhere, fresh)
                 except DjmemcacheError as exc:
                     results.append((batch, exc))
                     continue
@@ -366,9 +383,8 @@ class Client:
         if retry and conn.reused and kind == LOST:
             logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
             # Its other idle connections are suspect too (a restart, a NAT or
-            # firewall that dropped them): the retry is on a fresh one, to the
-            # same server (in random distribution too: another server's idle
-            # connections may have been dropped as well).
+            # firewall that dropped them); the retry is on a new connection
+            # (``_acquire``'s ``fresh``).
             self.pools[index].clear_idle()
             return _Retry(index)
         error = self._server_failed(index, command, exc, kind)
@@ -385,7 +401,7 @@ class Client:
         again = {outcome.index: batch for batch, outcome in results if type(outcome) is _Retry}
         retried = {id(batch): outcome
                    for batch, outcome in self._pipeline(command, again, send, read, False, native, into,
-                                                        anywhere=False)}
+                                                        fresh=True)}
         for position, (batch, outcome) in enumerate(results):
             if type(outcome) is _Retry:
                 results[position] = (batch, retried[id(batch)])
@@ -510,7 +526,7 @@ class Client:
         kind = fault_kind(exc)
         if kind is None:
             raise exc
-        return self._recover(index, conn, command, exc, kind, retry, method, args)
+        return self._recover(index, conn, command, exc, kind, retry, False, method, args)
 
     def get_many(self, keys, names=None):
         """``{key: value}`` of the keys found; with ``names``, ``{names[key]: value}``."""

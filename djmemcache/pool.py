@@ -107,11 +107,13 @@ class HostPool:
 
     # -- taking and giving back -------------------------------------------
 
-    def acquire(self, idle_only=False):
+    def acquire(self, idle_only=False, fresh=False):
         """Return a connection ready for one command.
 
         With ``idle_only``, return an idle connection or None, never opening
         or waiting (random distribution tries every server's idle ones first).
+        With ``fresh``, a new connection (an idle one taken is reconnected in
+        its slot): a retry after a pooled connection turned out dropped.
         Raises ``PoolTimeout``, or the ``OSError`` of a failed connect.
         """
         conn = None
@@ -129,6 +131,10 @@ class HostPool:
             # A connection used less than STALE_CHECK_AFTER ago cannot have missed
             # a server restart (that takes longer); skipping the check keeps a
             # syscall, and a GIL hand-off, off the busiest path.
+            if fresh and conn.sock is not None:
+                conn.close()
+                self._connect(conn)
+                return conn
             idle = _now() - conn.idle_since
             if idle >= self._check_after or conn.sock is None:
                 self._refresh(conn, idle)

@@ -77,6 +77,14 @@ class FakeMemcached:
         with self._lock:
             self._doomed |= self._live
 
+    def stop_listening(self):
+        """Refuse new connections (a restarting proxy); open ones are still served."""
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # out of LISTEN now, even with accept() under way
+        except OSError:
+            pass
+        self._listener.close()
+
     def forget(self):
         """Drop the replies not used (a call that failed before sending them all)."""
         with self._lock:
@@ -113,7 +121,10 @@ class FakeMemcached:
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
-            except (TimeoutError, OSError):
+            except TimeoutError:
+                continue
+            except OSError:  # closed by stop_listening: wait for stop()
+                self._stop.wait(_POLL)
                 continue
             with self._lock:
                 self.accepted += 1

@@ -407,9 +407,8 @@ def test_after_pooled_connections_were_dropped_the_retry_is_on_a_fresh_connectio
 
 @pytest.mark.parametrize("command", ["get", "set", "delete", "get_many", "set_many", "delete_many"])
 def test_in_random_distribution_the_retry_after_dropped_connections_is_fresh_too(make_cache, command):
-    """Every pooled connection to every server was dropped: the retry stays
-    on the server that failed, on a fresh connection, rather than taking
-    another server's dropped one."""
+    """Every pooled connection to every server was dropped: the retry opens
+    a new connection rather than taking another of the dropped ones."""
     from fakeserver import FakeMemcached
 
     servers = [FakeMemcached() for _ in range(2)]
@@ -432,6 +431,39 @@ def test_in_random_distribution_the_retry_after_dropped_connections_is_fresh_too
         call()  # no ServerError
         assert sum(s.accepted for s in servers) == 5
         assert [s["in_use"] for s in cache.stats()] == [0, 0]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.mark.parametrize("command", ["get", "set", "delete", "get_many", "set_many", "delete_many"])
+def test_in_random_distribution_a_proxy_that_hangs_up_and_restarts_costs_nothing(make_cache, monkeypatch, command):
+    """A proxy of the fleet closes its pooled connections and refuses new
+    ones for a while (restarting): it is blacklisted, the retry goes to
+    another proxy, on a new connection, and the caller sees nothing."""
+    import random
+
+    from fakeserver import FakeMemcached
+
+    servers = [FakeMemcached() for _ in range(2)]
+    try:
+        cache = make_cache([s.location for s in servers],
+                           {"TIMEOUT": TIMEOUT, "IGNORE_EXC": False, "DISTRIBUTION": "random"})
+        pool = cache.client.pools[0]
+        pool.release(pool.acquire())  # one idle connection, to the first proxy only
+        waited = time.monotonic() + 10
+        while servers[0].accepted < 1 and time.monotonic() < waited:
+            time.sleep(0.005)
+        monkeypatch.setattr(random, "randrange", lambda n: 0)  # its idle connection is taken first
+        servers[0].hang_up_existing()
+        servers[0].stop_listening()
+        call = {"get": lambda: cache.get("a"), "set": lambda: cache.set("a", 1),
+                "delete": lambda: cache.delete("a"), "get_many": lambda: cache.get_many(["a", "b"]),
+                "set_many": lambda: cache.set_many({"a": 1, "b": 2}),
+                "delete_many": lambda: cache.delete_many(["a", "b"])}[command]
+        call()  # no ServerError
+        assert (servers[0].accepted, servers[1].accepted) == (1, 1)
+        assert [(s["in_use"], s["state"]) for s in cache.stats()] == [(0, "blacklisted"), (0, "up")]
     finally:
         for server in servers:
             server.stop()
