@@ -203,12 +203,9 @@ class Client:
             if fresh:
                 if index in live:
                     try:
-                        return index, self.pools[index].acquire(fresh=True)
-                    except Exception as exc:
-                        if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
-                            raise
-                        self._connect_failed(index, exc)
-                    live = self._live()
+                        return index, self._take(index, fresh)
+                    except ServerError:  # refused: blacklisted now, so another server
+                        live = self._live()
                 others = [i for i in live if i != index]
                 index = random.choice(others) if others else live[0]
             else:
@@ -227,9 +224,14 @@ class Client:
                         return candidate, conn
                 if index not in live:
                     index = random.choice(self._live())
+        return index, self._take(index, fresh)
+
+    def _take(self, index, fresh=False):
+        """A connection from server ``index``'s pool (``fresh``: a new one);
+        a failed connect blacklists the server and raises its ``ServerError``."""
         pool = self.pools[index]
         try:
-            return index, pool.acquire(fresh=True) if fresh else take_idle(pool) or pool.acquire()
+            return pool.acquire(fresh=True) if fresh else take_idle(pool) or pool.acquire()
         except Exception as exc:  # PoolTimeout is no fault of the server's
             if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
                 raise
@@ -264,11 +266,21 @@ class Client:
 
     def _recover(self, index, conn, command, exc, kind, retry, anywhere, method, args):
         """``method`` failed on ``conn`` (already discarded): retry once, or raise."""
-        if retry and conn.reused and kind == LOST:
-            logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
-            self.pools[index].clear_idle()  # see _settle
+        if self._retries(index, conn, command, exc, kind, retry):
             return self._call(index, command, method, *args, anywhere=anywhere, fresh=True)
         raise self._server_failed(index, command, exc, kind) from exc
+
+    def _retries(self, index, conn, command, exc, kind, retry):
+        """Whether ``command`` runs once more after failing on ``conn``: when
+        it may (``retry``) and the server closed a reused connection. Its
+        other idle connections are suspect too (a restart, a NAT or firewall
+        that dropped them): they are closed, and the retry takes a new one
+        (``_acquire``'s ``fresh``)."""
+        if not (retry and conn.reused and kind == LOST):
+            return False
+        logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
+        self.pools[index].clear_idle()
+        return True
 
     def _pipeline(self, command, batches, send, read, retry, native=None, into=None, fresh=False):
         """Run a multi-key command on several servers at once.
@@ -380,12 +392,7 @@ class Client:
         kind = fault_kind(exc)
         if kind is None:
             raise exc
-        if retry and conn.reused and kind == LOST:
-            logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
-            # Its other idle connections are suspect too (a restart, a NAT or
-            # firewall that dropped them); the retry is on a new connection
-            # (``_acquire``'s ``fresh``).
-            self.pools[index].clear_idle()
+        if self._retries(index, conn, command, exc, kind, retry):
             return _Retry(index)
         error = self._server_failed(index, command, exc, kind)
         error.__cause__ = exc
@@ -506,12 +513,7 @@ class Client:
         if self._random:
             return self._call(index, "get", Connection.get, key, retry=True)
         pool = self.pools[index]
-        try:
-            conn = take_idle(pool) or pool.acquire()
-        except Exception as exc:
-            if isinstance(exc, PoolTimeout) or fault_kind(exc) is None:
-                raise
-            raise self._connect_failed(index, exc) from exc
+        conn = self._take(index)
         try:
             raw = conn.get(key)
         except BaseException as exc:

@@ -195,9 +195,10 @@ def send_unsent(conns, deadline):
             waiting[conn._fd] = i
             poller.register(conn._fd, select.POLLOUT)
     while waiting:
-        late = deadline is not None and _monotonic() >= deadline
-        wait_ms = 0 if late else None if deadline is None else math.ceil((deadline - _monotonic()) * 1000)
-        for fd, _events in poller.poll(max(wait_ms, 0) if wait_ms is not None else None):
+        now = _monotonic()
+        late = deadline is not None and now >= deadline
+        wait_ms = None if deadline is None else 0 if late else math.ceil((deadline - now) * 1000)
+        for fd, _events in poller.poll(wait_ms):
             conn = conns[waiting[fd]]
             try:
                 while conn.unsent:
@@ -459,8 +460,6 @@ class Connection:
                 return
             if sent > 0:
                 data = data[sent:]
-        if deadline is None:
-            deadline = self.deadline()
         view = memoryview(data)
         sock = self.sock
         if defer and not self._tls and not self._green:
@@ -470,6 +469,8 @@ class Connection:
             except BlockingIOError:
                 self.unsent = view
             return
+        if deadline is None:
+            deadline = self.deadline()
         while view:
             if self._tls:
                 try:

@@ -127,24 +127,35 @@ def gunicorn(backend, location, options, workers, log, bindir, extra=(), worker_
     return proc, port
 
 
-def _workers_usage(master):
-    """CPU seconds (user + system) of each of gunicorn's workers so far
-    (pid -> seconds), and their context switches (voluntary + involuntary,
-    every thread), from /proc."""
-    cpu = {}
-    switches = 0
-    tick = os.sysconf("SC_CLK_TCK")
+def _workers(master):
+    """The pids of gunicorn's workers (children of ``master``), from /proc."""
+    pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open("/proc/%s/stat" % entry) as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == master:  # ppid
+                    pids.append(entry)
+        except (OSError, IndexError, ValueError):  # a process that just exited
+            continue
+    return pids
+
+
+def _workers_usage(master):
+    """CPU seconds (user + system) of each of gunicorn's workers so far
+    (pid -> seconds), and their context switches (voluntary +
+    involuntary, every thread), from /proc."""
+    cpu = {}
+    switches = 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in _workers(master):
+        try:
+            with open("/proc/%s/stat" % pid) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != master:  # ppid
-                continue
-            cpu[entry] = (int(fields[11]) + int(fields[12])) / tick
-            for task in os.listdir("/proc/%s/task" % entry):
-                with open("/proc/%s/task/%s/status" % (entry, task)) as f:
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+            for task in os.listdir("/proc/%s/task" % pid):
+                with open("/proc/%s/task/%s/status" % (pid, task)) as f:
                     switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
         except (OSError, IndexError, ValueError):  # a process that just exited
             continue
@@ -167,7 +178,7 @@ def _connections_per_worker(master, port):
         except OSError:
             continue
     held = {}
-    for pid in _workers_usage(master)[0]:
+    for pid in _workers(master):
         try:
             links = [os.readlink("/proc/%s/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%s/fd" % pid)]
         except OSError:
