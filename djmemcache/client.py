@@ -42,7 +42,7 @@ from djmemcache.exceptions import (
 )
 from djmemcache.pool import HostPool, give_back, take_idle
 from djmemcache.serializer import CorruptValue, serializer_for
-from djmemcache.servers import Blacklist, Rendezvous
+from djmemcache.servers import FLUSH, Blacklist, Rendezvous, merge_missed
 
 logger = logging.getLogger("djmemcache.client")
 
@@ -66,6 +66,20 @@ EXPTIME_MAX = 2**31 - 1
 EXPTIME_MIN = -(2**31)
 FLAGS_MAX = 2**32 - 1
 DELTA_MAX = 2**64 - 1
+
+#: A server back from a ban has what it missed deleted in rounds, each
+#: deleting what was missed during the last, until a round has at most
+#: REPAIR_BATCH keys or this many rounds ran; the last round runs while the
+#: writers of its keys wait (``Client._come_back``).
+REPAIR_ROUNDS = 8
+#: Deletes per pipelined batch when a server back from a ban is repaired.
+REPAIR_BATCH = 500
+#: With TIMEOUT None, the bound of each command of a probe and of the repair
+#: that follows (a server that hangs then must not hold them for ever).
+PROBE_TIMEOUT = 5.0
+#: Most times the last round of a repair starts again (each time with what
+#: was missed during the one before) before the probe gives up for now.
+CLOSING_ROUNDS = 50
 
 
 def fault_kind(exc):
@@ -110,7 +124,11 @@ class Client:
         self.tls = tls_context_for(options)
         self.pools = tuple(HostPool(s, options, connection_class, self.tls) for s in self.servers)
         self.blacklist = Blacklist(self.servers, options.blacklist_time, clock)
+        self._everyone = tuple(range(len(self.servers)))
+        self._index_of = {str(server): index for index, server in enumerate(self.servers)}
         self.rendezvous = Rendezvous([s.node for s in self.servers])
+        # Where each key lives with every server in: which banned server a write misses.
+        self._homes = Rendezvous([s.node for s in self.servers])
         self.serializer = serializer_for(options)
         self.ignore_exc = options.ignore_exc
         self.max_value_size = options.max_value_size
@@ -120,9 +138,16 @@ class Client:
         self._log_lock = threading.Lock()
         self._pool_warned_at = -1e9
         self._pool_warnings_held = 0
-        # Longer than a probe can take: connect, then one command.
+        # Longer than a probe can take: connect, then one command (a repair
+        # that follows holds its claim longer, one batch at a time).
         self._probe_hold = (options.effective_connect_timeout or 5.0) + (options.timeout or 5.0) + 1.0
         self._probes = []  # probe threads of this process, for tests and shutdown
+        # After a return, the copies other servers took are deleted again this
+        # much later: a write placed before it waited for pool slots, then sent.
+        pool_wait = options.pool_timeout if options.pool_timeout is not None else 5.0
+        self._stray_delay = min(30.0, len(self.servers) * pool_wait + (options.timeout or 5.0))
+        # How long a write of a returning server's keys waits for the last round of its repair.
+        self._repair_wait = min(options.timeout or 1.0, 1.0)
 
     # -- choosing a server --------------------------------------------------
 
@@ -154,6 +179,168 @@ class Client:
             return {self._index_for(None): list(keys)}
         return self.rendezvous.group(keys, self._live())
 
+    # -- writes a blacklisted server misses ----------------------------------
+    #
+    # A key whose server is banned is written elsewhere (or, none live,
+    # nowhere); back in service, that server would serve the value it held
+    # before. So while any server is banned (never on the usual path), each
+    # write names its key to the blacklist, and the probe that brings the
+    # server back deletes those keys there first (_come_back). Random
+    # distribution has no such server: every proxy serves every key.
+
+    def _index_for_write(self, key):
+        """``_index_for`` for a command that changes ``key``."""
+        if self._random:
+            return self._index_for(key)
+        live, next_probe = self.blacklist.state  # read once: a ban in between must not go unnamed
+        if next_probe is None:  # nothing banned: live is every server
+            return live[0] if len(live) == 1 else self.rendezvous.choose(key, live)
+        while True:
+            try:
+                live = self._live()
+            except NoServerAvailable:
+                if self._name(key, None, ()):
+                    raise
+                continue  # a server came back meanwhile: it takes the write
+            index = live[0] if len(live) == 1 else self.rendezvous.choose(key, live)
+            if self._name(key, index, live):
+                return index
+
+    def _name(self, key, index, live):
+        """Name ``key``, written to server ``index`` (None: to none) as placed
+        among ``live``, to every other server that would serve it before
+        ``index`` once back (its server, and those that took it while that
+        one was out). False when one of them is back (since ``live`` was
+        read, or once the last round of its repair ends): placed again."""
+        homes = self._homes
+        for banned in self._everyone:
+            if banned in live or (index is not None and not homes.prefers(key, banned, index)):
+                continue
+            named = self.blacklist.missed(banned, key, index)
+            if named is not True and named is not False:  # the last round of its repair
+                named.wait(self._repair_wait)
+                return False  # it came back, or the wait is over: placed again
+            if named is False:
+                return False
+        return True
+
+    def _group_for_write(self, keys):
+        """``_group`` for a command that changes ``keys``."""
+        live, next_probe = self.blacklist.state  # read once, as _index_for_write
+        if self._random or not keys:
+            return self._group(keys)
+        if next_probe is None:
+            return {live[0]: list(keys)} if len(live) == 1 else self.rendezvous.group(keys, live)
+        groups = {}
+        none_live = None
+        for key in keys:
+            try:
+                groups.setdefault(self._index_for_write(key), []).append(key)
+            except NoServerAvailable as exc:
+                none_live = exc  # every key is named before this is raised
+        if none_live is not None:
+            raise none_live
+        return groups
+
+    def _unsure(self, exc, keys):
+        """A write of ``keys`` failed on a server that is banned now (the
+        failure banned it): it may still hold the older values, so they are
+        deleted there on its return as well."""
+        index = self._index_of.get(getattr(exc, "server", None))
+        if index is not None and not self._random and self.blacklist.state[1] is not None:
+            for key in keys:
+                if not self.blacklist.missed(index, key, None, wait=False):
+                    return  # not banned: it answered, or is back
+
+    def _come_back(self, index, conn):
+        """Bring server ``index`` back after its probe passed on ``conn``:
+        delete there what it missed while banned, in rounds (each deletes
+        what was missed during the last), the last ones while writers of its
+        keys wait (``Blacklist.close``), then restore it; then delete the
+        copies the other servers took, which a later ban of this one would
+        serve. Raises when the server fails meanwhile, all it missed (and
+        where the copies are) given back to the blacklist for its next probe."""
+        strays = {}  # {key: bits of the other servers that took it}
+        missed = {}
+        try:
+            missed = self.blacklist.missed_by(index)
+            rounds = 1
+            while rounds < REPAIR_ROUNDS and (FLUSH in missed or len(missed) > REPAIR_BATCH):
+                self._repair(index, conn, missed, strays)
+                missed = self.blacklist.missed_by(index)
+                rounds += 1
+            for _round in range(CLOSING_ROUNDS):
+                missed = self.blacklist.close(index, missed, self._repair_wait)
+                if missed:
+                    self._repair(index, conn, missed, strays)
+                missed = self.blacklist.restore(index)
+                if not missed:  # else missed meanwhile (a writer's wait ran out, a flush_all): again
+                    break
+            else:
+                raise ServerError("writes of its keys kept coming during its repair")
+        except BaseException:
+            self.blacklist.unrepaired(index, merge_missed(missed, strays))  # the writers waiting go on
+            raise
+        if strays:
+            self._delete_strays(index, strays)
+            # Once more later: a write placed before the return may land after this.
+            timer = threading.Timer(self._stray_delay, self._delete_strays, (index, strays))
+            timer.daemon = True
+            with _registry_lock:
+                _timers[:] = [t for t in _timers if t.is_alive()] + [timer]
+            timer.start()
+
+    def _repair(self, index, conn, missed, strays):
+        """Delete on ``conn`` (server ``index``) the keys it ``missed``, or
+        flush it; the other servers that took each key go in ``strays``."""
+        name = self.servers[index]
+        if FLUSH in missed:
+            self.blacklist.hold(index, self._probe_hold)
+            try:
+                conn.flush_all()
+            except ErrorReply as exc:  # memcached -F: staying out would be for ever
+                logger.error("memcached server %s back from a ban refused flush_all (%s): it may serve "
+                             "values older than writes it missed", name, exc)
+            else:
+                logger.warning("memcached server %s flushed on its return: it missed a flush_all, or "
+                               "writes of too many keys to name, while blacklisted", name)
+        else:
+            keys = list(missed)
+            for start in range(0, len(keys), REPAIR_BATCH):
+                self.blacklist.hold(index, self._probe_hold)
+                conn.delete_many(keys[start:start + REPAIR_BATCH])
+            logger.info("memcached server %s: %d keys written while it was blacklisted deleted there "
+                        "before its return", name, len(keys))
+        others = ~(1 << index)
+        for key, written in missed.items():
+            if written & others and key is not FLUSH:
+                strays[key] = strays.get(key, 0) | (written & others)
+
+    def _delete_strays(self, index, strays):
+        """Delete the copies of keys other servers took while ``index`` was
+        banned; a server banned now (or whose delete fails) has them named,
+        to be deleted on its return."""
+        live = self.blacklist.live
+        groups = {}
+        for key, written in strays.items():
+            other = 0
+            while written:
+                if written & 1:
+                    if other in live:
+                        groups.setdefault(other, []).append(key)
+                    else:
+                        self.blacklist.missed(other, key, None, wait=False)
+                written >>= 1
+                other += 1
+        if not groups:
+            return
+        for batch, outcome in self._pipeline("delete", groups, Connection.send_delete_many,
+                                             Connection.read_delete_many, retry=True):
+            if isinstance(outcome, DjmemcacheError):
+                self._unsure(outcome, batch)  # deleted on its return if that failure banned it
+                logger.warning("copies of %d keys written while %s was blacklisted not deleted: %s",
+                               len(batch), self.servers[index], outcome)
+
     # -- bringing blacklisted servers back -----------------------------------
 
     def _start_probes(self):
@@ -170,15 +357,18 @@ class Client:
             thread.start()
 
     def _probe(self, index):
-        """Connect on a connection of its own (no pool slot), ask ``version``."""
+        """Connect on a connection of its own (no pool slot), ask ``version``;
+        if it answers, delete there what it missed, then restore it (``_come_back``)."""
         conn = self.connection_class(self.servers[index], self.options, self.tls)
+        # Bounded even with TIMEOUT None: a repair follows, and writers may wait for it.
+        conn.timeout = self.options.timeout or PROBE_TIMEOUT
+        conn.connect_timeout = conn.connect_timeout or PROBE_TIMEOUT
         try:
             conn.connect()
             conn.version()
+            self._come_back(index, conn)
         except Exception as exc:  # noqa: BLE001 - any failure keeps it out
             self.blacklist.probe_failed(index, "probe failed: %s" % _describe(exc))
-        else:
-            self.blacklist.restore(index)
         finally:
             conn.close()
 
@@ -585,9 +775,10 @@ class Client:
                     reason = self._one_failed(index, conn, _native_failure(conn, failure), command.decode(),
                                               retry, Connection.store_one, (command, key, item, expire))
             else:
-                reason = self._call(self._index_for(key), command.decode(), Connection.store_one,
+                reason = self._call(self._index_for_write(key), command.decode(), Connection.store_one,
                                     command, key, item, expire, retry=retry)
         except DjmemcacheError as exc:
+            self._unsure(exc, (key,))
             return self._failed(exc, command.decode(), False)
         return reason is None or self._stored(command.decode(), key, reason)
 
@@ -609,7 +800,7 @@ class Client:
             else:
                 data[key] = item
         try:
-            groups = self._group(data)
+            groups = self._group_for_write(data)
         except DjmemcacheError as exc:
             return failed + self._failed(exc, "set_many", list(data))
         batches = {index: {key: data[key] for key in keys} for index, keys in groups.items()}
@@ -617,6 +808,7 @@ class Client:
             "set", batches, _SendStore(b"set", expire), Connection.read_store, retry=True
         ):
             if isinstance(outcome, DjmemcacheError):
+                self._unsure(outcome, batch)
                 failed += self._failed(outcome, "set_many", list(batch))
                 continue
             failed += [key for key, reason in outcome.items() if not self._stored("set", key, reason)]
@@ -624,26 +816,29 @@ class Client:
 
     def delete(self, key):
         try:
-            return self._call(self._index_for(key), "delete", Connection.delete, key, retry=True)
+            return self._call(self._index_for_write(key), "delete", Connection.delete, key, retry=True)
         except DjmemcacheError as exc:
+            self._unsure(exc, (key,))
             return self._failed(exc, "delete", False)
 
     def delete_many(self, keys):
         try:
-            groups = self._group(keys)
+            groups = self._group_for_write(keys)
         except DjmemcacheError as exc:
             return self._failed(exc, "delete_many", None)
-        for _batch, outcome in self._pipeline(
+        for batch, outcome in self._pipeline(
             "delete", groups, Connection.send_delete_many, Connection.read_delete_many, retry=True
         ):
             if isinstance(outcome, DjmemcacheError):
+                self._unsure(outcome, batch)
                 self._failed(outcome, "delete_many", None)
 
     def touch(self, key, expire):
         check_expire(expire)
         try:
-            return self._call(self._index_for(key), "touch", Connection.touch, key, expire, retry=True)
+            return self._call(self._index_for_write(key), "touch", Connection.touch, key, expire, retry=True)
         except DjmemcacheError as exc:
+            self._unsure(exc, (key,))
             return self._failed(exc, "touch", False)
 
     def incr(self, key, delta):
@@ -654,8 +849,9 @@ class Client:
             raise ValueError("incr/decr delta must be a whole number from -%d to %d, not %r"
                              % (DELTA_MAX, DELTA_MAX, delta))
         try:
-            value = self._call(self._index_for(key), "incr", _incr, key, delta)
+            value = self._call(self._index_for_write(key), "incr", _incr, key, delta)
         except DjmemcacheError as exc:
+            self._unsure(exc, (key,))
             return self._failed(exc, "incr", None)
         if value is _NON_NUMERIC:
             raise NonNumericValue(
@@ -664,17 +860,39 @@ class Client:
         return value
 
     def flush_all(self):
-        for index in self.blacklist.live:
-            try:
-                self._call(index, "flush_all", Connection.flush_all, retry=True, anywhere=False)
-            except DjmemcacheError as exc:
-                self._failed(exc, "flush_all", None)
+        """Flush every live server; a banned one is flushed on its return,
+        and one back meanwhile, in the next pass."""
+        pending = list(self._everyone)
+        try:
+            for _pass in range(3):
+                for index in list(pending):
+                    if index in self.blacklist.live:
+                        pending.remove(index)
+                        try:
+                            self._call(index, "flush_all", Connection.flush_all, retry=True, anywhere=False)
+                        except DjmemcacheError as exc:
+                            self._mark_unflushed(index)  # if that failure banned it
+                            self._failed(exc, "flush_all", None)
+                    elif self._mark_unflushed(index):
+                        pending.remove(index)
+                    # else back between the two looks: the next pass flushes it
+                if not pending:
+                    break
+        finally:
+            for index in pending:
+                self._mark_unflushed(index)
+
+    def _mark_unflushed(self, index):
+        """True when ``index`` is banned and will be flushed on its return
+        (a proxy, in random distribution, has no items of its own)."""
+        return self._random or self.blacklist.missed_all(index)
 
     # -- for djmemcache.stampede: failures raised, not turned into misses -----
 
-    def index_for(self, key):
-        """Index of the server that holds ``key`` (``NoServerAvailable`` when none is live)."""
-        return self._index_for(key)
+    def index_for(self, key, write=True):
+        """Index of the server that holds ``key`` (``NoServerAvailable`` when
+        none is live); ``write``: for a command that may change it."""
+        return self._index_for_write(key) if write else self._index_for(key)
 
     def call(self, index, command, method, *args, retry=False):
         """Run ``method(connection, *args)`` on server ``index`` like every
@@ -703,7 +921,18 @@ class Client:
         item = self._item(key, value)
         if item is None:
             return "too large"
-        reason = self._call(index, "cas", Connection.cas, key, item, expire, cas)
+        if not self._random:
+            try:
+                placed = self._index_for_write(key)  # and named, while a server is banned
+            except NoServerAvailable:
+                placed = None
+            if placed != index:
+                return "EXISTS"  # the key has moved since it was read (a ban, a return): not written
+        try:
+            reason = self._call(index, "cas", Connection.cas, key, item, expire, cas)
+        except DjmemcacheError as exc:
+            self._unsure(exc, (key,))
+            raise
         self._stored("cas", key, reason)  # logs a refusal (SERVER_ERROR)
         return reason
 
@@ -795,6 +1024,10 @@ def _describe(exc):
 
 _registry = {}
 _registry_lock = threading.Lock()
+#: Timers of the second deletion of stray copies (``Client._come_back``):
+#: cancelled by ``reset_registry``, not by ``Client.close``, which Django
+#: calls after every request when USE_POOLING is off.
+_timers = []
 
 
 def client_for(options):
@@ -813,6 +1046,9 @@ def reset_registry():
     with _registry_lock:
         clients = list(_registry.values())
         _registry.clear()
+        timers, _timers[:] = list(_timers), []
+    for timer in timers:
+        timer.cancel()
     for client in clients:
         client.close()
 

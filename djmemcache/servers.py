@@ -115,6 +115,30 @@ def parse_server(spec):
 #: Keys whose server ``Rendezvous`` remembers (per set of live servers).
 PLACEMENT_MEMO = 4096
 
+#: Keys the banned servers of a process may miss (written elsewhere, or
+#: dropped), all together, before the blacklist stops naming them and the
+#: server that would go past it is flushed on its return instead.
+MISSED_MAX = 100_000
+
+
+class _Flush:
+    """The key, in what a banned server missed, that says it must be flushed
+    on its return: it missed a ``flush_all``, or writes of too many keys to
+    name. The other keys still say which servers took them."""
+
+    def __repr__(self):
+        return "FLUSH"
+
+
+FLUSH = _Flush()
+
+
+def merge_missed(missed, more):
+    """Two of ``Blacklist.missed_by``'s answers as one (``missed`` changed)."""
+    for key, written in more.items():
+        missed[key] = missed.get(key, 0) | written
+    return missed
+
 
 def _hash_key_bytes(text):
     # pymemcache's murmur3 hashes ord(char) & 0xFF of each character; for
@@ -187,6 +211,10 @@ class Rendezvous:
             index = memo[key] = self._choose(key, candidates)
         return index
 
+    def prefers(self, key, a, b):
+        """Whether ``key`` goes to server ``a`` rather than ``b`` when both are live."""
+        return self._choose(key, (a, b)) == a
+
     def _choose(self, key, candidates):
         if self._fast:
             data = _hash_key_bytes(key)
@@ -254,6 +282,14 @@ class Blacklist:
     dead server costs one probe per ``blacklist_time``. Exactly one caller
     claims each probe (``claim_probe``), which either brings the server back
     (``restore``) or schedules the next one (``probe_failed``).
+
+    A banned server misses the writes of its keys, which go to another
+    server or, with none live, nowhere; back in service it would serve the
+    older values it still holds. So the blacklist remembers those keys
+    (``missed``, and where each was written) until the probe that passed
+    has deleted them there (``missed_by``; the last round after ``close``,
+    while writers of its keys wait, then ``restore``): a miss, never an
+    older value. Past ``MISSED_MAX`` keys it is flushed instead.
 
     A probe only asks ``version``: a server can pass it and still time out
     on every real command. So a restored server keeps its back-off until it
@@ -330,14 +366,114 @@ class Blacklist:
         logger.info("memcached server %s still down, next probe in %.3gs: %s",
                     self.servers[index], delay, reason)
 
-    def restore(self, index):
+    def missed(self, index, key, written, wait=True):
+        """Remember that banned server ``index`` misses a write of ``key``
+        (``written``: the index of the server that took it, or None).
+
+        True when remembered; False, remembering nothing, when ``index`` is
+        not banned (any more): the caller places the key again. While the
+        last round of its repair runs (``close``, for at most its ``wait``),
+        unless not ``wait`` here, the ``threading.Event`` that its end sets:
+        the caller waits for it, then places the key again, so the round
+        ends (what is missed during it anyway is repaired before
+        ``restore`` brings the server back)."""
         with self._lock:
-            entry = self._banned.pop(index, None)
+            entry = self._banned.get(index)
+            if entry is None:
+                return False
+            if entry.closing is not None and wait and time.monotonic() < entry.closing_until:
+                return entry.closing
+            missed = entry.missed
+            bit = 0 if written is None else 1 << written
+            if key in missed:
+                missed[key] |= bit
+                return True
+            if sum(len(e.missed) for e in self._banned.values()) < MISSED_MAX:
+                missed[key] = bit
+                return True
+            if FLUSH in missed:
+                return True  # flushed on its return (a copy the server written took is left)
+            missed[FLUSH] = 0
+        logger.warning("memcached server %s missed writes of too many keys to name (%d for the "
+                       "blacklisted servers) while blacklisted: it will be flushed when it comes back",
+                       self.servers[index], MISSED_MAX)
+        return True
+
+    def missed_all(self, index):
+        """Banned server ``index`` missed a ``flush_all``: flush it on its
+        return. False when it is not banned."""
+        with self._lock:
+            entry = self._banned.get(index)
             if entry is not None:
+                entry.missed[FLUSH] = 0
+            return entry is not None
+
+    def missed_by(self, index):
+        """What banned server ``index`` missed since the last call, taken:
+        ``{key: bits of the indexes of the servers written}``, with the key
+        ``FLUSH`` when it must be flushed."""
+        with self._lock:
+            entry = self._banned.get(index)
+            if entry is None:
+                return {}
+            missed, entry.missed = entry.missed, {}
+            return missed
+
+    def close(self, index, missed, wait):
+        """Start (or go on with) the last round of ``index``'s repair: from
+        now until ``restore`` or ``unrepaired``, but at most ``wait``
+        seconds, a write of its keys waits instead of being missed. Returns
+        ``missed`` with what it missed since ``missed_by``, to delete in
+        that round."""
+        with self._lock:
+            entry = self._banned.get(index)
+            if entry is None:
+                return missed
+            if entry.closing is None:
+                entry.closing = threading.Event()
+            entry.closing_until = time.monotonic() + wait
+            more, entry.missed = entry.missed, {}
+            return merge_missed(missed, more)
+
+    def hold(self, index, seconds):
+        """Keep the probe of ``index`` claimed ``seconds`` more: a repair can
+        outlast the claim, and a second probe must not restore it meanwhile."""
+        with self._lock:
+            entry = self._banned.get(index)
+            if entry is not None:
+                entry.until = max(entry.until, self.clock() + seconds)
+                self._update()
+
+    def unrepaired(self, index, missed):
+        """Give back what a repair took and did not finish (its last round
+        ends, the writers waiting for it go on): the next probe deletes it."""
+        with self._lock:
+            entry = self._banned.get(index)
+            if entry is None:
+                return
+            entry.missed = merge_missed(missed, entry.missed)
+            closing, entry.closing = entry.closing, None
+        if closing is not None:
+            closing.set()
+
+    def restore(self, index):
+        """Bring ``index`` back; ``{}``. But if it missed something during
+        the last round of its repair (a ``flush_all``), it stays banned and
+        that is returned, taken, to be repaired first."""
+        with self._lock:
+            entry = self._banned.get(index)
+            if entry is not None:
+                if entry.missed:
+                    missed, entry.missed = entry.missed, {}
+                    return missed
+                del self._banned[index]
                 self._restored[index] = (self.clock(), entry.failures)
             self._update()
         if entry is not None:
+            if entry.closing is not None:
+                entry.closing.set()
             logger.warning("memcached server %s is back in service", self.servers[index])
+        return {}
 
     def claim_probe(self, hold):
         """Indexes of servers due for a probe, claimed by this caller alone.
@@ -371,10 +507,13 @@ class Blacklist:
 
 
 class _Ban:
-    __slots__ = ("until", "reason", "failures", "prober")
+    __slots__ = ("until", "reason", "failures", "prober", "missed", "closing", "closing_until")
 
     def __init__(self, until, reason, failures=0):
         self.until = until
         self.reason = reason
         self.failures = failures  # failed probes, and failures soon after a passed one
         self.prober = None  # pid of the process whose thread probes it now
+        self.missed = {}  # {key: bits of the indexes written} of writes it missed (and FLUSH)
+        self.closing = None  # an Event while the last round of its repair runs
+        self.closing_until = 0.0  # time.monotonic() after which writers no longer wait for it

@@ -173,7 +173,7 @@ class Guard:
         client = self.client
         index = None
         try:
-            index = client.index_for(key)
+            index = client.index_for(key, write=False)  # Client.cas names it if it writes
             if index in self._no_meta:
                 return client.get(key)
             reply = client.call(index, "get_or_set", Connection.meta_get, key, recache, retry=True)
