@@ -465,8 +465,12 @@ class Client:
         it may (``retry``) and the server closed a reused connection. Its
         other idle connections are suspect too (a restart, a NAT or firewall
         that dropped them): they are closed, and the retry takes a new one
-        (``_acquire``'s ``fresh``)."""
+        (``_acquire``'s ``fresh``). Not when another caller has banned the
+        server meanwhile (consistent distribution, where the retry would go
+        to it): a hung server would cost the retry TIMEOUT."""
         if not (retry and conn.reused and kind == LOST):
+            return False
+        if not self._random and index not in self.blacklist.live:
             return False
         logger.debug("retrying %s on %s after %r", command, self.servers[index], exc)
         self.pools[index].clear_idle()

@@ -201,3 +201,34 @@ def test_errors_pickle_with_their_details():
     timeout = pickle.loads(pickle.dumps(PoolTimeout("full", server="a:1")))
     assert (str(timeout), timeout.server) == ("full", "a:1")
     assert isinstance(pickle.loads(pickle.dumps(NoServerAvailable("none"))), ServerError)
+
+
+def test_no_retry_goes_to_a_server_another_caller_banned_meanwhile(memcached_factory):
+    """A reused connection turns out closed (a retry would follow) while
+    another caller's timeout has banned its server, which hangs: the call
+    fails at once instead of waiting TIMEOUT for the retry."""
+    import errno
+
+    from djmemcache.connection import Connection
+
+    server = memcached_factory()
+    armed = [True]
+
+    class ClosedAfterTheBan(Connection):
+        def delete_many(self, keys):
+            if armed and armed.pop():
+                client.blacklist.ban(0, "get timed out (another caller)")
+                server.pause()
+                raise ConnectionResetError(errno.ECONNRESET, "reset by peer")
+            return super().delete_many(keys)
+
+    options = parse_options([server.location], {"TIMEOUT": 0.5, "BLACKLIST_TIME": 30})
+    client = Client(options, connection_class=ClosedAfterTheBan)
+    try:
+        client.set(":1:k", "v", 0)  # the connection is pooled, reused from now on
+        started = time.monotonic()
+        assert client.delete(":1:k") is False
+        assert time.monotonic() - started < 0.25
+    finally:
+        server.resume()
+        client.close()
