@@ -211,6 +211,9 @@ def main():
     parser.add_argument("--preload", action="store_true", help="gunicorn --preload")
     parser.add_argument("--worker-class", default="gevent", help="gunicorn -k (default gevent)")
     parser.add_argument("--threads", type=int, default=None, help="gunicorn --threads (gthread)")
+    parser.add_argument("--worker-connections", type=int, default=None,
+                        help="gunicorn --worker-connections: with CONNECTIONS / WORKERS, every "
+                             "worker holds an even share of wrk's connections")
     parser.add_argument("--log", help="write gunicorn's whole log (djmemcache's warnings) here")
     parser.add_argument("--only", choices=sorted(BACKENDS), action="append")
     parser.add_argument("--venv", default=os.path.dirname(os.path.dirname(sys.executable)),
@@ -228,6 +231,8 @@ def main():
     extra = ["--preload"] if args.preload else []
     if args.threads:
         extra += ["--threads", str(args.threads)]
+    if args.worker_connections:
+        extra += ["--worker-connections", str(args.worker_connections)]
     try:
         summary = _run(args, names, backends, location, extra)
     finally:
