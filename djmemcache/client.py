@@ -943,17 +943,20 @@ class Client:
     # -- introspection and shutdown -----------------------------------------
 
     def status(self):
-        """Per server: where it stands, what its pool holds, and its counters
+        """Per server: where it stands (blacklisted: when it is probed next,
+        why, and how many keys written meanwhile its return will delete, or
+        whether it will be flushed), what its pool holds, and its counters
         (``opened``, ``hits``, ``misses``, ``errors``, ``timeouts``,
         ``blacklistings``) since the process started."""
         result = []
         for index, server in enumerate(self.servers):
             banned = self.blacklist.state_of(index)
             entry = {"server": str(server), "state": "blacklisted" if banned else "up",
-                     "next_probe_in": None, "reason": None}
+                     "next_probe_in": None, "reason": None, "missed_keys": 0, "flush_on_return": False}
             if banned:
                 entry["next_probe_in"] = max(0.0, banned[0] - self.clock())
                 entry["reason"] = banned[1]
+                entry["missed_keys"], entry["flush_on_return"] = self.blacklist.missed_count(index)
             entry.update(self.pools[index].status())
             entry.update(self.pools[index].counters())
             result.append(entry)

@@ -501,6 +501,14 @@ class Blacklist:
             entry = self._banned.get(index)
             return (entry.until, entry.reason) if entry else None
 
+    def missed_count(self, index):
+        """``(keys named, whether it is to be flushed)`` for its return."""
+        with self._lock:
+            entry = self._banned.get(index)
+            if entry is None:
+                return 0, False
+            return len(entry.missed) - (FLUSH in entry.missed), FLUSH in entry.missed
+
     def _update(self):
         live = tuple(i for i in range(len(self.servers)) if i not in self._banned)
         self.state = (live, min((e.until for e in self._banned.values()), default=None))

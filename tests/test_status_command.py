@@ -54,3 +54,19 @@ def test_unknown_alias_and_foreign_backend_are_command_errors():
             call_command("memcached_status")
         with pytest.raises(CommandError, match="no cache 'nope'"):
             call_command("memcached_status", "--alias", "nope")
+
+
+def test_a_blacklisted_server_that_answers_again_is_reported_with_what_its_return_deletes(memcached_factory):
+    servers = [memcached_factory(), memcached_factory()]
+    with override_settings(CACHES={"default": {"BACKEND": BACKEND, "LOCATION": [s.location for s in servers],
+                                               "OPTIONS": {"TIMEOUT": 0.5}}}):
+        from django.core.cache import cache
+
+        cache.client.blacklist.ban(1, "get timed out")
+        cache.set_many({"k%d" % i: i for i in range(20)})  # the keys of server 1 are named
+        missed = cache.stats()[1]["missed_keys"]
+        code, out = _run()
+    assert code == 1
+    assert 0 < missed < 20
+    assert "blacklisted, next probe in" in out and "(get timed out), answers now" in out
+    assert "%d keys written meanwhile are deleted there" % missed in out

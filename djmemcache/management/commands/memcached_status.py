@@ -72,7 +72,10 @@ class Command(BaseCommand):
             if not e["reachable"]:
                 state = "DOWN (%s)" % e["error"]
             elif e["state"] == "blacklisted":
-                state = "blacklisted for %.0fs more (%s), answers now" % (e["blacklisted_for"], e["reason"])
+                state = "blacklisted, next probe in %.0fs (%s), answers now; on its return %s" % (
+                    e["next_probe_in"], e["reason"],
+                    "it is flushed" if e["flush_on_return"] else
+                    "%d keys written meanwhile are deleted there" % e["missed_keys"])
             else:
                 state = "up"
             self.stdout.write("\n%s  %s" % (e["server"], state))
