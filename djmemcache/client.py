@@ -950,13 +950,12 @@ class Client:
         ``blacklistings``) since the process started."""
         result = []
         for index, server in enumerate(self.servers):
-            banned = self.blacklist.state_of(index)
+            banned = self.blacklist.report(index)
             entry = {"server": str(server), "state": "blacklisted" if banned else "up",
                      "next_probe_in": None, "reason": None, "missed_keys": 0, "flush_on_return": False}
             if banned:
-                entry["next_probe_in"] = max(0.0, banned[0] - self.clock())
-                entry["reason"] = banned[1]
-                entry["missed_keys"], entry["flush_on_return"] = self.blacklist.missed_count(index)
+                next_probe, entry["reason"], entry["missed_keys"], entry["flush_on_return"] = banned
+                entry["next_probe_in"] = max(0.0, next_probe - self.clock())
             entry.update(self.pools[index].status())
             entry.update(self.pools[index].counters())
             result.append(entry)

@@ -416,8 +416,7 @@ class Blacklist:
             entry = self._banned.get(index)
             if entry is None:
                 return {}
-            missed, entry.missed = entry.missed, {}
-            return missed
+            return _take_missed(entry)
 
     def close(self, index, missed, wait):
         """Start (or go on with) the last round of ``index``'s repair: from
@@ -432,8 +431,8 @@ class Blacklist:
             if entry.closing is None:
                 entry.closing = threading.Event()
             entry.closing_until = time.monotonic() + wait
-            more, entry.missed = entry.missed, {}
-            return merge_missed(missed, more)
+            entry.repairing = merge_missed(missed, _take_missed(entry))
+            return entry.repairing
 
     def hold(self, index, seconds):
         """Keep the probe of ``index`` claimed ``seconds`` more: a repair can
@@ -452,6 +451,7 @@ class Blacklist:
             if entry is None:
                 return
             entry.missed = merge_missed(missed, entry.missed)
+            entry.repairing = {}
             closing, entry.closing = entry.closing, None
         if closing is not None:
             closing.set()
@@ -464,8 +464,7 @@ class Blacklist:
             entry = self._banned.get(index)
             if entry is not None:
                 if entry.missed:
-                    missed, entry.missed = entry.missed, {}
-                    return missed
+                    return _take_missed(entry)
                 del self._banned[index]
                 self._restored[index] = (self.clock(), entry.failures)
             self._update()
@@ -501,21 +500,31 @@ class Blacklist:
             entry = self._banned.get(index)
             return (entry.until, entry.reason) if entry else None
 
-    def missed_count(self, index):
-        """``(keys named, whether it is to be flushed)`` for its return."""
+    def report(self, index):
+        """``(next_probe_at, reason, keys its return deletes, whether it is
+        flushed instead)``, read at once; None when live."""
         with self._lock:
             entry = self._banned.get(index)
             if entry is None:
-                return 0, False
-            return len(entry.missed) - (FLUSH in entry.missed), FLUSH in entry.missed
+                return None
+            keys = entry.missed.keys() | entry.repairing.keys()
+            return entry.until, entry.reason, len(keys) - (FLUSH in keys), FLUSH in keys
 
     def _update(self):
         live = tuple(i for i in range(len(self.servers)) if i not in self._banned)
         self.state = (live, min((e.until for e in self._banned.values()), default=None))
 
 
+def _take_missed(entry):
+    """What ``entry``'s server missed, taken for a round of its repair (kept
+    as ``repairing`` too, for ``Blacklist.report``, until the next round)."""
+    missed, entry.missed = entry.missed, {}
+    entry.repairing = missed
+    return missed
+
+
 class _Ban:
-    __slots__ = ("until", "reason", "failures", "prober", "missed", "closing", "closing_until")
+    __slots__ = ("until", "reason", "failures", "prober", "missed", "repairing", "closing", "closing_until")
 
     def __init__(self, until, reason, failures=0):
         self.until = until
@@ -523,5 +532,6 @@ class _Ban:
         self.failures = failures  # failed probes, and failures soon after a passed one
         self.prober = None  # pid of the process whose thread probes it now
         self.missed = {}  # {key: bits of the indexes written} of writes it missed (and FLUSH)
+        self.repairing = {}  # what the round of its repair under way deletes
         self.closing = None  # an Event while the last round of its repair runs
         self.closing_until = 0.0  # time.monotonic() after which writers no longer wait for it

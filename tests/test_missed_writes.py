@@ -596,3 +596,35 @@ def test_a_probe_connect_is_bounded_even_without_timeout(monkeypatch):
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+def test_stats_count_the_keys_a_repair_under_way_deletes(memcached_factory):
+    from djmemcache.connection import Connection
+
+    gate, entered = threading.Event(), threading.Event()
+
+    class SlowRepair(Connection):
+        def delete_many(self, keys):
+            entered.set()
+            gate.wait(5)
+            return super().delete_many(keys)
+
+    servers = [memcached_factory(), memcached_factory()]
+    clock = FakeClock()
+    client = Client(parse_options([s.location for s in servers], {"TIMEOUT": 0.5, "BLACKLIST_TIME": 30},
+                                  clock=clock), connection_class=SlowRepair)
+    try:
+        client.blacklist.ban(1, "get timed out")
+        client.set_many({":1:k%d" % i: i for i in range(40)}, 0)
+        before = client.status()[1]
+        assert before["missed_keys"] > 0 and before["flush_on_return"] is False
+        clock.now = client.blacklist.state_of(1)[0]
+        client.get(":1:whatever")  # starts the probe; its repair waits in delete_many
+        assert entered.wait(5)
+        during = client.status()[1]
+        assert during["state"] == "blacklisted" and during["missed_keys"] == before["missed_keys"]
+    finally:
+        gate.set()
+        client.wait_for_probes()
+        client.close()
+    assert client.status()[1]["state"] == "up" and client.status()[1]["missed_keys"] == 0
