@@ -183,7 +183,38 @@ def busy_hub(cache, spec):
     return seen
 
 
-SCENARIOS = {"timed_calls": timed_calls, "greenlet_storm": greenlet_storm, "busy_hub": busy_hub}
+def writes_through_a_stall(cache, spec):
+    """``spec["greenlets"]`` greenlets each write rising numbers to keys of
+    their own and read them back for ``spec["seconds"]``, while the test
+    stalls the server and lets it go: every read older than the write
+    before it is reported (a miss is not)."""
+    stop_at = time.monotonic() + spec["seconds"]
+    older, reads = [], [0]
+
+    def writer(number):
+        n = 0
+        keys = ["g%d-%d" % (number, i) for i in range(20)]
+        while time.monotonic() < stop_at:
+            # Read back the last writes first: the server may have come back
+            # since, while this greenlet gave way (below).
+            for key in keys:
+                value = cache.get(key)
+                reads[0] += 1
+                if value is not None and value < n:
+                    older.append([key, value, n])
+            n += 1
+            for key in keys:
+                cache.set(key, n)
+            gevent.sleep(0)  # a request's own I/O: with every server out, the calls above never yield
+
+    greenlets = [gevent.spawn(writer, number) for number in range(spec["greenlets"])]
+    gevent.joinall(greenlets, timeout=spec["seconds"] + 30)
+    return {"older": older[:10], "older_count": len(older), "reads": reads[0], "status": _status(cache),
+            "failed_greenlets": [repr(g.exception) for g in greenlets if g.exception is not None]}
+
+
+SCENARIOS = {"timed_calls": timed_calls, "greenlet_storm": greenlet_storm, "busy_hub": busy_hub,
+             "writes_through_a_stall": writes_through_a_stall}
 
 if __name__ == "__main__":
     name, spec = sys.argv[1], json.loads(sys.argv[2])

@@ -30,14 +30,24 @@ TIMEOUT = 0.5
 pytestmark = pytest.mark.slow
 
 
-def _scenario(name, location, options, no_gevent=False, timeout=60, **spec):
+def _scenario(name, location, options, no_gevent=False, timeout=60, during=None, **spec):
+    """Run a scenario of tests/gevent_scenarios.py; ``during()``, if given,
+    runs in this process meanwhile (a fault, say)."""
     env = dict(os.environ, PYTHONPATH=HERE, DJM_NO_GEVENT="1" if no_gevent else "0")
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "gevent_scenarios.py"), name,
          json.dumps({"location": location, "options": options, **spec})],
-        capture_output=True, text=True, env=env, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        if during is not None:
+            during()
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 class Dribbler:
@@ -164,6 +174,26 @@ def test_a_hung_server_is_blacklisted_under_gevent_exactly_as_on_threads(memcach
     assert outcomes == [call[1] for call in plain["calls"]]
     assert green["status"] == plain["status"]
     assert green["status"][0]["state"] == "blacklisted"
+
+
+def test_under_gevent_a_server_back_from_a_stall_serves_nothing_older_than_the_writes_it_missed(
+        memcached_factory):
+    server = memcached_factory()
+
+    def stall():
+        time.sleep(1.0)  # the scenario's interpreter starts, then writes for a while
+        server.pause()
+        time.sleep(1.5)
+        server.resume()
+
+    seen = _scenario("writes_through_a_stall", server.location, {"TIMEOUT": TIMEOUT}, during=stall,
+                     greenlets=4, seconds=7)
+    print("\nDEPLOY gevent writes through a 1.5 s stall: %d reads, %d older than the write before"
+          % (seen["reads"], seen["older_count"]))
+    assert seen["failed_greenlets"] == []
+    assert seen["older_count"] == 0, seen["older"]
+    assert seen["status"][0]["state"] == "up"
+    assert seen["reads"] > 200
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["pooled connection", "new connection"])
