@@ -127,8 +127,6 @@ class Client:
         self._everyone = tuple(range(len(self.servers)))
         self._index_of = {str(server): index for index, server in enumerate(self.servers)}
         self.rendezvous = Rendezvous([s.node for s in self.servers])
-        # Where each key lives with every server in: which banned server a write misses.
-        self._homes = Rendezvous([s.node for s in self.servers])
         self.serializer = serializer_for(options)
         self.ignore_exc = options.ignore_exc
         self.max_value_size = options.max_value_size
@@ -194,7 +192,7 @@ class Client:
             return self._index_for(key)
         live, next_probe = self.blacklist.state  # read once: a ban in between must not go unnamed
         if next_probe is None:  # nothing banned: live is every server
-            return live[0] if len(live) == 1 else self.rendezvous.choose(key, live)
+            return self.rendezvous.choose(key, live)
         while True:
             try:
                 live = self._live()
@@ -202,7 +200,7 @@ class Client:
                 if self._name(key, None, ()):
                     raise
                 continue  # a server came back meanwhile: it takes the write
-            index = live[0] if len(live) == 1 else self.rendezvous.choose(key, live)
+            index = self.rendezvous.choose(key, live)
             if self._name(key, index, live):
                 return index
 
@@ -212,9 +210,9 @@ class Client:
         ``index`` once back (its server, and those that took it while that
         one was out). False when one of them is back (since ``live`` was
         read, or once the last round of its repair ends): placed again."""
-        homes = self._homes
+        rendezvous = self.rendezvous
         for banned in self._everyone:
-            if banned in live or (index is not None and not homes.prefers(key, banned, index)):
+            if banned in live or (index is not None and not rendezvous.prefers(key, banned, index)):
                 continue
             named = self.blacklist.missed(banned, key, index)
             if named is not True and named is not False:  # the last round of its repair
@@ -230,7 +228,7 @@ class Client:
         if self._random or not keys:
             return self._group(keys)
         if next_probe is None:
-            return {live[0]: list(keys)} if len(live) == 1 else self.rendezvous.group(keys, live)
+            return self.rendezvous.group(keys, live)
         groups = {}
         none_live = None
         for key in keys:

@@ -458,8 +458,9 @@ class Blacklist:
 
     def restore(self, index):
         """Bring ``index`` back; ``{}``. But if it missed something during
-        the last round of its repair (a ``flush_all``), it stays banned and
-        that is returned, taken, to be repaired first."""
+        the last round of its repair (a write whose wait ran out, one that
+        failed on it, a ``flush_all``), it stays banned and that is
+        returned, taken, to be repaired first."""
         with self._lock:
             entry = self._banned.get(index)
             if entry is not None:

@@ -549,7 +549,7 @@ def test_get_or_set_reads_during_a_ban_name_no_key(memcached_factory, make_cache
     cache = make_cache([s.location for s in servers], {"EARLY_REFRESH": 4, "TIMEOUT": 0.3}, TIMEOUT=600)
     client = cache.client
     names = ["k%d" % i for i in range(200)]
-    home = [n for n in names if client._homes._choose(cache.make_and_validate_key(n), (0, 1)) == 0]
+    home = [n for n in names if client.rendezvous._choose(cache.make_and_validate_key(n), (0, 1)) == 0]
     hot, banner = home[:2]
     try:
         servers[0].pause()
