@@ -143,9 +143,10 @@ def _workers(master):
 
 
 def _workers_usage(master):
-    """CPU seconds (user + system) of each of gunicorn's workers so far
-    (pid -> seconds), and their context switches (voluntary +
-    involuntary, every thread), from /proc."""
+    """CPU seconds (user, system) of each of gunicorn's workers so far
+    (pid -> (user, system)), and their context switches (voluntary +
+    involuntary, every thread), from /proc. The system share is mostly
+    the GIL's hand-offs between threads (futex) and the sockets' syscalls."""
     cpu = {}
     switches = 0
     tick = os.sysconf("SC_CLK_TCK")
@@ -153,7 +154,7 @@ def _workers_usage(master):
         try:
             with open("/proc/%s/stat" % pid) as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+            cpu[pid] = (int(fields[11]) / tick, int(fields[12]) / tick)
             for task in os.listdir("/proc/%s/task" % pid):
                 with open("/proc/%s/task/%s/status" % (pid, task)) as f:
                     switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
@@ -263,9 +264,9 @@ def _run(args, names, backends, location, extra):
         summary[name]["even"] = _medians(even) if even else None
         s = summary[name]
         print("  %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d  "
-              "workers' CPU %4.0f us  switches %4.1f per request"
+              "workers' CPU %4.0f us (system %3.0f)  switches %4.1f per request"
               % (name, 1000 * s["p50"], 1000 * s["p99"], 1000 * s["max"], s["rps"], s["errors"],
-                 s["cpu_us"], s["switches"]))
+                 s["cpu_us"], s["sys_us"], s["switches"]))
     if args.workers > 1:
         print("rounds where each worker held at least %d%% of an even share of wrk's connections:"
               % (100 * EVEN))
@@ -287,7 +288,8 @@ def _even(result, args):
 
 
 def _medians(runs):
-    return {k: statistics.median(r[k] for r in runs) for k in ("p50", "p99", "max", "rps", "cpu_us", "switches")}
+    figures = ("p50", "p99", "max", "rps", "cpu_us", "sys_us", "switches")
+    return {k: statistics.median(r[k] for r in runs) for k in figures}
 
 
 def _rounds(args, names, backends, location, extra, script, log, figures):
@@ -310,8 +312,10 @@ def _rounds(args, names, backends, location, extra, script, log, figures):
                     look.join()
                 after = _workers_usage(proc.pid)
                 served = result["rps"] * args.seconds
-                used = [seconds - cpu.get(pid, 0) for pid, seconds in after[0].items()]
-                result["cpu_us"] = sum(used) / served * 1e6
+                user = sum(u - cpu.get(pid, (0, 0))[0] for pid, (u, _s) in after[0].items())
+                system = sum(s - cpu.get(pid, (0, 0))[1] for pid, (_u, s) in after[0].items())
+                result["cpu_us"] = (user + system) / served * 1e6
+                result["sys_us"] = system / served * 1e6
                 result["switches"] = (after[1] - switches) / served
                 # wrk's keep-alive connections stay with whichever worker won each
                 # accept, and the split is a lottery (29 and 3, or 32 and 0, as often
@@ -323,9 +327,10 @@ def _rounds(args, names, backends, location, extra, script, log, figures):
                 proc.wait()
             figures[name].append(result)
             print("round %d %-10s p50 %7.2f ms  p99 %8.2f ms  max %8.2f ms  %7.0f req/s  errors %d  "
-                  "workers' CPU %4.0f us  switches %4.1f per request  connections per worker %s%s"
+                  "workers' CPU %4.0f us (system %3.0f)  switches %4.1f per request  "
+                  "connections per worker %s%s"
                   % (round_ + 1, name, 1000 * result["p50"], 1000 * result["p99"], 1000 * result["max"],
-                     result["rps"], result["errors"], result["cpu_us"], result["switches"],
+                     result["rps"], result["errors"], result["cpu_us"], result["sys_us"], result["switches"],
                      "/".join(map(str, result["split"])), "" if _even(result, args) else " (uneven)"),
                   result.get("socket_errors", ""), flush=True)
     log.seek(0)
