@@ -183,17 +183,22 @@ def _stdlib_poll():
 def send_unsent(conns, deadline):
     """Finish the deferred sends (``Connection._send``) of ``conns`` by
     ``deadline``, all at once: one ``poll`` waits for room in any of their
-    sockets. Returns, for each connection, None once all is sent, else the
+    sockets (gevent's under gevent, so other greenlets run meanwhile).
+    Returns, for each connection, None once all is sent, else the
     exception of its failure (``IOTimeout`` at the deadline).
 
     As ``_wait``, past the deadline it looks once more without waiting."""
     failures = [None] * len(conns)
     waiting = {}  # fd -> index, of those with bytes left
-    poller = select.poll()
+    if any(conn._green for conn in conns):
+        from gevent.select import poll
+    else:
+        poll = select.poll
+    poller = poll()
     for i, conn in enumerate(conns):
         if conn.unsent:
             waiting[conn._fd] = i
-            poller.register(conn._fd, select.POLLOUT)
+            poller.register(conn._fd, conn.unsent_event)
     while waiting:
         now = _monotonic()
         late = deadline is not None and now >= deadline
@@ -202,12 +207,16 @@ def send_unsent(conns, deadline):
             conn = conns[waiting[fd]]
             try:
                 while conn.unsent:
-                    conn.unsent = conn.unsent[conn.sock.send(conn.unsent, _SEND_FLAGS):]
-            except BlockingIOError:
-                continue
+                    sent = conn._send_some(conn.unsent)
+                    if sent is None:
+                        break
+                    conn.unsent = conn.unsent[sent:]
             except OSError as exc:
                 failures[waiting[fd]] = exc
             else:
+                if conn.unsent:  # no room after all, or TLS must read first
+                    poller.modify(fd, conn.unsent_event)
+                    continue
                 conn.unsent = None  # not an empty view that keeps the command alive
             poller.unregister(fd)
             del waiting[fd]
@@ -319,6 +328,7 @@ class Connection:
         self._native_get = False
         self._read_late_for = None  # the deadline of a command read at twice TIMEOUT (_recv)
         self.unsent = None  # what a deferred send left for send_unsent (a memoryview)
+        self.unsent_event = select.POLLOUT  # what it waits for (TLS may have to read first)
         # The pool's state, all set here: the pool's C path (_speedups.pool_give)
         # then only replaces values, never adds an attribute (which could
         # allocate a dict and run the collector).
@@ -448,11 +458,10 @@ class Connection:
         GIL (it cannot stall the process); the rest, or a large command,
         waits for room in the socket buffer with the GIL released.
 
-        ``defer`` (a pipeline's sends): on a plain socket outside gevent,
-        send what the socket takes now and leave the rest in ``unsent`` for
-        ``send_unsent``, which waits for every server at once: a server that
-        stops reading must not hold up the sends to the others, each for
-        TIMEOUT.
+        ``defer`` (a pipeline's sends): send what the socket takes now and
+        leave the rest in ``unsent`` for ``send_unsent``, which waits for
+        every server at once: a server that stops reading must not hold up
+        the sends to the others, each for TIMEOUT.
         """
         if self._send_now and len(data) <= SEND_NOW_MAX:
             sent = _send_without_releasing_gil(self._fd, data, _size_t(len(data)), _SEND_NOW_FLAGS)
@@ -461,33 +470,47 @@ class Connection:
             if sent > 0:
                 data = data[sent:]
         view = memoryview(data)
-        sock = self.sock
-        if defer and not self._tls and not self._green:
-            try:
-                while view:
-                    view = view[sock.send(view, _SEND_FLAGS):]
-            except BlockingIOError:
-                self.unsent = view
+        if defer:
+            while view:
+                sent = self._send_some(view)
+                if sent is None:
+                    self.unsent = view
+                    return
+                view = view[sent:]
             return
         if deadline is None:
             deadline = self.deadline()
         while view:
-            if self._tls:
-                try:
-                    sent = sock.send(view)
-                except ssl.SSLWantWriteError:
-                    _wait(sock, select.POLLOUT, deadline, self._green)
-                    continue
-                except ssl.SSLWantReadError:
-                    _wait(sock, select.POLLIN, deadline, self._green)
-                    continue
-            else:
-                _wait(sock, select.POLLOUT, deadline, self._green)
-                try:
-                    sent = sock.send(view, _SEND_FLAGS)
-                except BlockingIOError:
-                    continue
+            sent = self._send_some(view)
+            if sent is None:
+                _wait(self.sock, self.unsent_event, deadline, self._green)
+                continue
             view = view[sent:]
+
+    def _send_some(self, view):
+        """One send of ``view`` that never waits: the bytes the socket took,
+        or None when it takes none now (``unsent_event`` is then what to wait
+        for: room to write or, over TLS, sometimes a read first)."""
+        sock = self.sock
+        try:
+            if not self._tls:
+                if self._green:
+                    return sock.send(view, _SEND_FLAGS, timeout=0.0)  # gevent's own send would wait
+                return sock.send(view, _SEND_FLAGS)
+            sent = sock.send(view)  # non-blocking since the handshake
+            if sent:
+                return sent
+            # gevent's SSL socket returns 0 where the standard library's raises
+            # (a caller that sent again at once would spin forever): room to
+            # write is what it waits for; a read it may hide (a renegotiation)
+            # would make that a busy wait, but one the deadline still ends.
+        except ssl.SSLWantReadError:
+            self.unsent_event = select.POLLIN
+            return None
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            pass
+        self.unsent_event = select.POLLOUT
+        return None
 
     def _recv(self, deadline, size=RECV_SIZE):
         """One ``recv`` of at most ``size`` bytes, waiting no later than ``deadline``.

@@ -213,8 +213,43 @@ def writes_through_a_stall(cache, spec):
             "failed_greenlets": [repr(g.exception) for g in greenlets if g.exception is not None]}
 
 
+def set_many_to_stopped_servers(cache, spec):
+    """A ``get_many`` opens a connection to each server; once the test has
+    stopped them all (it waits for the file ``spec["ready"]``, then creates
+    ``spec["go"]``), one ``set_many`` of ``spec["per_server"]`` values of
+    ``spec["value_size"]`` bytes (900 KiB) to each, more than their sockets' buffers take (or a ``set``
+    of each, ``spec["one_by_one"]``): its seconds,
+    how many keys it could not store, the hub's longest stall meanwhile
+    and each server's state afterwards."""
+    client = cache.client
+    by_server = {index: [] for index in range(len(client.servers))}
+    number = 0
+    while min(map(len, by_server.values())) < spec["per_server"]:
+        key = "big%d" % number
+        number += 1
+        keys = by_server[client.index_for(cache.make_key(key), write=False)]
+        if len(keys) < spec["per_server"]:
+            keys.append(key)
+    value = b"x" * spec.get("value_size", 900 * 1024)
+    data = {key: value for keys in by_server.values() for key in keys}
+    cache.get_many(list(data))
+    open(spec["ready"], "w").close()
+    while not os.path.exists(spec["go"]):
+        time.sleep(0.01)
+    ticker = Ticker() if PATCHED else None
+    started = time.monotonic()
+    if spec.get("one_by_one"):  # set: a command sent by itself, not deferred
+        failed = [key for key, value in data.items() if cache.set(key, value) or True]
+    else:
+        failed = cache.set_many(data)
+    seconds = time.monotonic() - started
+    return {"seconds": seconds, "failed": len(failed), "keys": len(data),
+            "longest_hub_stall": ticker.stop() if ticker else None, "status": _status(cache)}
+
+
 SCENARIOS = {"timed_calls": timed_calls, "greenlet_storm": greenlet_storm, "busy_hub": busy_hub,
-             "writes_through_a_stall": writes_through_a_stall}
+             "writes_through_a_stall": writes_through_a_stall,
+             "set_many_to_stopped_servers": set_many_to_stopped_servers}
 
 if __name__ == "__main__":
     name, spec = sys.argv[1], json.loads(sys.argv[2])

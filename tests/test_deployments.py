@@ -196,6 +196,64 @@ def test_under_gevent_a_server_back_from_a_stall_serves_nothing_older_than_the_w
     assert seen["reads"] > 200
 
 
+def _stopped_servers(memcached_factory, tls_files, tmp_path, tls, gevent, count, options=(),  # noqa: F811
+                     **spec):
+    """Run ``set_many_to_stopped_servers`` on ``count`` servers (TLS or
+    not), under gevent or on threads: what it saw."""
+    servers = [_tls_memcached(memcached_factory, tls_files) if tls else memcached_factory()
+               for _ in range(count)]
+    options = {"TIMEOUT": TIMEOUT, "IGNORE_EXC": True, **dict(options)}
+    if tls:
+        options["TLS_CA_FILE"] = tls_files["ca"]
+    ready, go = tmp_path / "ready", tmp_path / "go"
+
+    def stop_them():
+        waited = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < waited:  # connections open (a TLS handshake
+            time.sleep(0.01)                                   # needs a server that runs)
+        for server in servers:
+            server.pause()
+        go.touch()
+
+    seen = _scenario("set_many_to_stopped_servers", ",".join(s.location for s in servers), options,
+                     no_gevent=not gevent, during=stop_them, ready=str(ready), go=str(go), **spec)
+    print("\nDEPLOY %s%s: %s of %d x %d KiB to %d stopped servers took %.2f s (TIMEOUT %s)"
+          % ("gevent" if gevent else "threads", " over TLS" if tls else "",
+             "set" if spec.get("one_by_one") else "set_many", seen["keys"], spec.get("value_size", 900 * 1024) // 1024,
+             count, seen["seconds"], TIMEOUT))
+    assert [s["state"] for s in seen["status"]] == ["blacklisted"] * count
+    assert [s["in_use"] for s in seen["status"]] == [0] * count
+    if gevent:  # the waits were the hub's: other greenlets ran
+        assert seen["longest_hub_stall"] < TIMEOUT / 2
+    return seen
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "TLS"])
+@pytest.mark.parametrize("gevent", [True, False], ids=["gevent", "threads"])
+def test_a_large_set_many_to_stopped_servers_costs_one_timeout_not_one_per_server(
+        memcached_factory, tls_files, tmp_path, tls, gevent):  # noqa: F811 - the fixture
+    """What does not fit in a socket at once is sent to every server
+    together under gevent and over TLS too (``connection.send_unsent``),
+    not one server after another at TIMEOUT each."""
+    seen = _stopped_servers(memcached_factory, tls_files, tmp_path, tls, gevent, 4, per_server=8)
+    assert seen["failed"] == seen["keys"]  # nothing stored, nothing raised (IGNORE_EXC)
+    assert seen["seconds"] < 2 * TIMEOUT  # one server after another: 4 x TIMEOUT
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "TLS"])
+@pytest.mark.parametrize("gevent", [True, False], ids=["gevent", "threads"])
+def test_a_large_set_to_a_stopped_server_costs_one_timeout_under_gevent_and_over_tls(
+        memcached_factory, tls_files, tmp_path, tls, gevent):  # noqa: F811 - the fixture
+    """A value larger than the socket's buffers, to a server that stopped
+    reading: TIMEOUT, then the server is blacklisted and the next set does
+    not wait. Under gevent over TLS the send spun forever, blocking the hub
+    (gevent's SSL socket returns 0 where the standard library's raises)."""
+    size = 12 * 1024 * 1024  # more than a socket's buffers on both sides (up to about 4 MiB)
+    seen = _stopped_servers(memcached_factory, tls_files, tmp_path, tls, gevent, 1, per_server=2,
+                            value_size=size, one_by_one=True, options={"MAX_VALUE_SIZE": 2 * size})
+    assert seen["seconds"] < 2 * TIMEOUT
+
+
 @pytest.mark.parametrize("warm", [True, False], ids=["pooled connection", "new connection"])
 def test_a_gevent_hub_busy_longer_than_timeout_is_no_server_timeout(memcached_factory, warm):
     """One greenlet waits for memcached while another does 0.8 s of CPU work
