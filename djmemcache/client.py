@@ -514,17 +514,20 @@ class Client:
                     entry[3] = native[0](conn, batch)  # no I/O yet: see below
                     natives.append(entry)
                     continue
-                if timeout is not None:
-                    # TIMEOUT runs from when a connection is in hand: a wait for a
-                    # pool slot (POOL_TIMEOUT bounds that) must not use it up and
-                    # get a healthy server blacklisted for a timeout it never had.
-                    deadline = time.monotonic() + timeout
                 try:
-                    entry[3] = send(conn, batch, deadline, True)  # what does not fit now: below
+                    # Deferred: what the socket does not take now waits for
+                    # _send_unsent, so nothing here waits on a server.
+                    entry[3] = send(conn, batch, None, True)
                 except BaseException as exc:
                     results.append((batch, self._settle(index, conn, command, exc, retry)))
                     held.pop()
                     retrying = retrying or type(results[-1][1]) is _Retry
+            if timeout is not None and len(held) > len(natives):
+                # TIMEOUT runs from when every connection is in hand: a connect
+                # or a pool wait for a later server (CONNECT_TIMEOUT, POOL_TIMEOUT
+                # bound those) must not use up an earlier one's time and get a
+                # healthy server blacklisted for a timeout it never had.
+                deadline = time.monotonic() + timeout
             if len(held) > len(natives) and any(entry[1].unsent for entry in held):
                 retrying = self._send_unsent(command, held, results, deadline, retry) or retrying
             if natives:

@@ -1,9 +1,11 @@
 """Blacklisting servers that time out or refuse, and bringing them back."""
 
 import logging
+import socket
 import time
 
 import pytest
+from test_security import tls_files  # noqa: F401 - a fixture
 
 from djmemcache import NoServerAvailable, ServerError
 from djmemcache.client import MISS, Client
@@ -232,3 +234,68 @@ def test_no_retry_goes_to_a_server_another_caller_banned_meanwhile(memcached_fac
     finally:
         server.resume()
         client.close()
+
+
+@pytest.fixture
+def hanging_connect(request, memcached_factory, tls_files):  # noqa: F811 - the fixture
+    """A server whose connect hangs until CONNECT_TIMEOUT: a TLS memcached
+    stopped with SIGSTOP (the handshake needs it to run), or, for plain
+    TCP, a listener whose accept queue is full (further SYNs are dropped).
+    Its location and the client OPTIONS it needs."""
+    if request.param == "TLS":
+        server = memcached_factory(extra_args=(
+            "-Z", "-o", "ssl_chain_cert=%s,ssl_key=%s" % (tls_files["chain"], tls_files["key"])))
+        server.pause()
+        yield server.location, {"TLS_CA_FILE": tls_files["ca"]}
+        return
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(listener.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    time.sleep(0.2)
+    try:
+        yield "127.0.0.1:%d" % listener.getsockname()[1], {}
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("hanging_connect", ["plain", "TLS"], indirect=True)
+def test_a_connect_that_hangs_in_a_set_many_costs_the_healthy_server_nothing(
+        make_cache, memcached_factory, tls_files, hanging_connect):  # noqa: F811
+    """TIMEOUT runs from when the pipeline holds every connection: the
+    healthy server's batch, larger than its socket takes at once, is sent
+    in full after the other server's connect has used up CONNECT_TIMEOUT,
+    and the healthy server is neither failed nor blacklisted."""
+    location, options = hanging_connect
+    tls = bool(options)
+    healthy = memcached_factory(extra_args=(
+        "-Z", "-o", "ssl_chain_cert=%s,ssl_key=%s" % (tls_files["chain"], tls_files["key"]))) if tls \
+        else memcached_factory()
+    cache = make_cache([healthy.location, location], {"TIMEOUT": 1.0, "IGNORE_EXC": True, **options})
+    client = cache.client
+    keys = {0: [], 1: []}
+    number = 0
+    while len(keys[0]) < 30 or not keys[1]:
+        key = "big%d" % number
+        number += 1
+        keys[client.index_for(cache.make_key(key), write=False)].append(key)
+    del keys[0][30:]
+    value = b"v" * (900 * 1024)
+    assert cache.get(keys[0][0]) is None  # a pooled connection to the healthy server
+    started = time.monotonic()
+    failed = cache.set_many({key: value for key in keys[0] + keys[1]})
+    elapsed = time.monotonic() - started
+    assert sorted(failed) == sorted(keys[1])
+    assert [s["state"] for s in cache.stats()] == ["up", "blacklisted"]
+    assert cache.get_many(keys[0]) == {key: value for key in keys[0]}
+    assert elapsed < 2 * 1.0 + 1.0  # CONNECT_TIMEOUT, then TIMEOUT at most for the rest
