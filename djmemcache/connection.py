@@ -32,6 +32,7 @@ after reading its complete reply, or raises; a connection that raised is
 closed by the pool, never reused.
 """
 
+import collections
 import ctypes
 import errno
 import functools
@@ -329,6 +330,7 @@ class Connection:
         self._read_late_for = None  # the deadline of a command read at twice TIMEOUT (_recv)
         self.unsent = None  # what a deferred send left for send_unsent (a memoryview)
         self.unsent_event = select.POLLOUT  # what it waits for (TLS may have to read first)
+        self._records = None  # over TLS: lengths of the pieces each TLS record must end (_send_some)
         # The pool's state, all set here: the pool's C path (_speedups.pool_give)
         # then only replaces values, never adds an attribute (which could
         # allocate a dict and run the collector).
@@ -424,6 +426,7 @@ class Connection:
         self._fd = -1
         self._buf = b""
         self.unsent = None  # a failure's traceback may keep the connection, not the command
+        self._records = None
         if sock is not None:
             sock.close()
 
@@ -451,7 +454,7 @@ class Connection:
 
     # -- the socket, with the deadline ---------------------------------------
 
-    def _send(self, data, deadline=None, defer=False):
+    def _send(self, data, deadline=None, defer=False, records=None):
         """Send all of ``data`` by ``deadline`` (default: TIMEOUT from now).
 
         A small command goes out in one non-blocking ``send`` that keeps the
@@ -462,6 +465,13 @@ class Connection:
         leave the rest in ``unsent`` for ``send_unsent``, which waits for
         every server at once: a server that stops reading must not hold up
         the sends to the others, each for TIMEOUT.
+
+        ``records`` (over TLS): the lengths of the commands in ``data``,
+        each sent as TLS records of its own. memcached (1.6.18 at least)
+        reads a data block with a read of just its length; the rest of the
+        same record (the next command) then waits in OpenSSL's buffer, which
+        its event loop never looks at, until more bytes come: a ``set_many``
+        of 10 values of 2 KB stalled until TIMEOUT.
         """
         if self._send_now and len(data) <= SEND_NOW_MAX:
             sent = _send_without_releasing_gil(self._fd, data, _size_t(len(data)), _SEND_NOW_FLAGS)
@@ -470,6 +480,8 @@ class Connection:
             if sent > 0:
                 data = data[sent:]
         view = memoryview(data)
+        if self._tls:
+            self._records = collections.deque(records) if records is not None and len(records) > 1 else None
         if defer:
             while view:
                 sent = self._send_some(view)
@@ -497,8 +509,15 @@ class Connection:
                 if self._green:
                     return sock.send(view, _SEND_FLAGS, timeout=0.0)  # gevent's own send would wait
                 return sock.send(view, _SEND_FLAGS)
+            records = self._records
+            if records:
+                view = view[:records[0]]  # up to the end of this command (see _send)
             sent = sock.send(view)  # non-blocking since the handshake
             if sent:
+                if records:
+                    records[0] -= sent
+                    if not records[0]:
+                        records.popleft()
                 return sent
             # gevent's SSL socket returns 0 where the standard library's raises
             # (a caller that sent again at once would spin forever): room to
@@ -822,10 +841,9 @@ class Connection:
         the data block as the next command.
         """
         tail = b" %d " % expire
-        self._send(b"".join(
-            b"%s %s %d%s%d\r\n%s\r\n" % (command, self._wire(key), flags, tail, len(data), data)
-            for key, (data, flags) in items.items()
-        ), deadline, defer)
+        commands = [b"%s %s %d%s%d\r\n%s\r\n" % (command, self._wire(key), flags, tail, len(data), data)
+                    for key, (data, flags) in items.items()]
+        self._send(b"".join(commands), deadline, defer, list(map(len, commands)) if self._tls else None)
         return list(items)
 
     def read_store(self, keys, deadline=None):
@@ -1025,8 +1043,9 @@ class Connection:
         data, flags = item
         wire = self._wire(key)
         deadline = self.deadline()
-        self._send(b"add %s %d %d %d\r\n%s\r\nget %s\r\n" % (
-            self._wire(lock), flags, expire, len(data), data, wire), deadline)
+        add = b"add %s %d %d %d\r\n%s\r\n" % (self._wire(lock), flags, expire, len(data), data)
+        get = b"get %s\r\n" % wire
+        self._send(add + get, deadline, records=(len(add), len(get)) if self._tls else None)
         self._buf = self._recv_first(deadline)
         reason = _store_outcome(self._read_line(deadline))
         buf, self._buf = self._buf, b""

@@ -247,7 +247,20 @@ def set_many_to_stopped_servers(cache, spec):
             "longest_hub_stall": ticker.stop() if ticker else None, "status": _status(cache)}
 
 
-SCENARIOS = {"timed_calls": timed_calls, "greenlet_storm": greenlet_storm, "busy_hub": busy_hub,
+def set_many_round_trip(cache, spec):
+    """``set_many`` of ``spec["count"]`` values of ``spec["size"]`` bytes,
+    then ``get_many`` of them: keys not stored, whether every value came
+    back whole, the seconds of both, each server's state."""
+    data = {"rt%d" % n: b"%d" % n * spec["size"] for n in range(spec["count"])}
+    started = time.monotonic()
+    failed = cache.set_many(data)
+    same = cache.get_many(list(data)) == data
+    return {"failed": len(failed), "same": same, "seconds": time.monotonic() - started,
+            "status": _status(cache)}
+
+
+SCENARIOS = {"set_many_round_trip": set_many_round_trip, "timed_calls": timed_calls,
+             "greenlet_storm": greenlet_storm, "busy_hub": busy_hub,
              "writes_through_a_stall": writes_through_a_stall,
              "set_many_to_stopped_servers": set_many_to_stopped_servers}
 

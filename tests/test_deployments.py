@@ -254,6 +254,17 @@ def test_a_large_set_to_a_stopped_server_costs_one_timeout_under_gevent_and_over
     assert seen["seconds"] < 2 * TIMEOUT
 
 
+def test_under_gevent_over_tls_a_set_many_of_many_values_is_stored_whole(memcached_factory, tls_files):  # noqa: F811
+    """Each storage command ends a TLS record of its own under gevent too
+    (see test_security's test of the same on threads): 500 values of 2 KB."""
+    server = _tls_memcached(memcached_factory, tls_files)
+    seen = _scenario("set_many_round_trip", server.location,
+                     {"TIMEOUT": TIMEOUT, "TLS_CA_FILE": tls_files["ca"]}, count=500, size=2000)
+    assert (seen["failed"], seen["same"]) == (0, True)
+    assert seen["status"][0]["state"] == "up"
+    assert seen["seconds"] < TIMEOUT
+
+
 @pytest.mark.parametrize("warm", [True, False], ids=["pooled connection", "new connection"])
 def test_a_gevent_hub_busy_longer_than_timeout_is_no_server_timeout(memcached_factory, warm):
     """One greenlet waits for memcached while another does 0.8 s of CPU work

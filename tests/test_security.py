@@ -131,6 +131,25 @@ def _tls_server(memcached_factory, tls_files):
         "-Z", "-o", "ssl_chain_cert=%s,ssl_key=%s" % (tls_files["chain"], tls_files["key"])))
 
 
+@pytest.mark.parametrize("size", [1, 100, 2000, 9000, 17000, 40000])
+def test_tls_set_many_of_many_values_is_stored_whole_on_a_real_memcached(
+        make_cache, memcached_factory, tls_files, size):
+    """Over TLS each storage command ends a TLS record of its own: memcached
+    (1.6.18 here) reads a value's data block with a read of just its length,
+    and what the same record holds after it stays in OpenSSL's buffer,
+    unseen by its event loop until more bytes come, so a ``set_many`` of 10
+    values of 2 KB stalled until TIMEOUT and got the server blacklisted."""
+    server = _tls_server(memcached_factory, tls_files)
+    cache = make_cache(server.location, {"TLS_CA_FILE": tls_files["ca"], "TIMEOUT": 1, "IGNORE_EXC": False})
+    for count in (2, 10, 60):
+        data = {"k%d-%d-%s" % (size, n, "x" * (n % 150)): b"v%d" % n * (size // 2 + 1) for n in range(count)}
+        assert cache.set_many(data) == []
+        assert cache.get_many(list(data)) == data
+        assert cache.add("added-%d-%d" % (size, count), b"a" * size)  # one command, on the same connection
+        cache.delete_many(list(data))
+    assert cache.stats()[0]["state"] == "up"
+
+
 def test_tls_call_to_a_stopped_server_ends_within_timeout(make_cache, memcached_factory, tls_files):
     server = _tls_server(memcached_factory, tls_files)
     cache = make_cache(server.location, {"TLS_CA_FILE": tls_files["ca"], "TIMEOUT": 0.5})
