@@ -181,6 +181,31 @@ def _stdlib_poll():
     return select.poll
 
 
+#: The most plaintext one TLS record holds.
+TLS_RECORD_SIZE = 16384
+
+
+def _tls_records(commands):
+    """Lengths of the pieces ``commands`` are sent in over TLS: whole
+    commands, as many as one TLS record holds, or one command alone when it
+    is larger. So no record holds the end of a data block and the start of
+    the next command: memcached (1.6.18 at least) reads the rest of a data
+    block with a read of just its length, and what the same record holds
+    after it waits in OpenSSL's buffer, which its event loop never looks
+    at, until more bytes come (a ``set_many`` of 10 values of 2 KB in one
+    write stalled until TIMEOUT). Not a record per command: each write
+    gives up the GIL, and 2,000 of them behind a busy thread took seconds."""
+    pieces = []
+    size = 0
+    for command in commands:
+        if size and size + len(command) > TLS_RECORD_SIZE:
+            pieces.append(size)
+            size = 0
+        size += len(command)
+    pieces.append(size)
+    return pieces
+
+
 def send_unsent(conns, deadline):
     """Finish the deferred sends (``Connection._send``) of ``conns`` by
     ``deadline``, all at once: one ``poll`` waits for room in any of their
@@ -466,12 +491,8 @@ class Connection:
         every server at once: a server that stops reading must not hold up
         the sends to the others, each for TIMEOUT.
 
-        ``records`` (over TLS): the lengths of the commands in ``data``,
-        each sent as TLS records of its own. memcached (1.6.18 at least)
-        reads a data block with a read of just its length; the rest of the
-        same record (the next command) then waits in OpenSSL's buffer, which
-        its event loop never looks at, until more bytes come: a ``set_many``
-        of 10 values of 2 KB stalled until TIMEOUT.
+        ``records`` (over TLS): the lengths of the pieces of ``data`` that
+        must each end a TLS record (``_tls_records``).
         """
         if self._send_now and len(data) <= SEND_NOW_MAX:
             sent = _send_without_releasing_gil(self._fd, data, _size_t(len(data)), _SEND_NOW_FLAGS)
@@ -843,7 +864,7 @@ class Connection:
         tail = b" %d " % expire
         commands = [b"%s %s %d%s%d\r\n%s\r\n" % (command, self._wire(key), flags, tail, len(data), data)
                     for key, (data, flags) in items.items()]
-        self._send(b"".join(commands), deadline, defer, list(map(len, commands)) if self._tls else None)
+        self._send(b"".join(commands), deadline, defer, _tls_records(commands) if self._tls else None)
         return list(items)
 
     def read_store(self, keys, deadline=None):
@@ -1045,7 +1066,7 @@ class Connection:
         deadline = self.deadline()
         add = b"add %s %d %d %d\r\n%s\r\n" % (self._wire(lock), flags, expire, len(data), data)
         get = b"get %s\r\n" % wire
-        self._send(add + get, deadline, records=(len(add), len(get)) if self._tls else None)
+        self._send(add + get, deadline, records=_tls_records((add, get)) if self._tls else None)
         self._buf = self._recv_first(deadline)
         reason = _store_outcome(self._read_line(deadline))
         buf, self._buf = self._buf, b""

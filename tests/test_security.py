@@ -131,14 +131,54 @@ def _tls_server(memcached_factory, tls_files):
         "-Z", "-o", "ssl_chain_cert=%s,ssl_key=%s" % (tls_files["chain"], tls_files["key"])))
 
 
+def test_tls_records_end_at_command_boundaries_and_hold_as_many_commands_as_fit():
+    from djmemcache.connection import TLS_RECORD_SIZE, _tls_records
+
+    commands = [b"c" * n for n in (100, 16000, 300, 40000, 10, 20, TLS_RECORD_SIZE, 1)]
+    pieces = _tls_records(commands)
+    assert pieces == [100 + 16000, 300, 40000, 10 + 20, TLS_RECORD_SIZE, 1]
+    assert sum(pieces) == sum(map(len, commands))
+    assert _tls_records([b"x" * 10] * 2000) == [16380, 20000 - 16380]
+
+
+def test_tls_set_many_of_thousands_of_values_beside_a_busy_thread_stays_fast(
+        make_cache, memcached_factory, tls_files):
+    """Each TLS write gives up the GIL, which a thread busy with Python code
+    (another request's) gives back only after its switch interval: 2,000
+    writes, one per command, took 10 s and timed out; packed into records
+    of whole commands they are about a dozen."""
+    server = _tls_server(memcached_factory, tls_files)
+    cache = make_cache(server.location, {"TLS_CA_FILE": tls_files["ca"], "TIMEOUT": 2, "IGNORE_EXC": False})
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            sum(range(1000))
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        data = {"busy%d" % n: b"%d" % n * 20 for n in range(2000)}
+        started = time.monotonic()
+        assert cache.set_many(data) == []
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+    assert cache.get_many(list(data)) == data
+    assert elapsed < 2
+    assert cache.stats()[0]["state"] == "up"
+
+
 @pytest.mark.parametrize("size", [1, 100, 2000, 9000, 17000, 40000])
 def test_tls_set_many_of_many_values_is_stored_whole_on_a_real_memcached(
         make_cache, memcached_factory, tls_files, size):
-    """Over TLS each storage command ends a TLS record of its own: memcached
-    (1.6.18 here) reads a value's data block with a read of just its length,
-    and what the same record holds after it stays in OpenSSL's buffer,
-    unseen by its event loop until more bytes come, so a ``set_many`` of 10
-    values of 2 KB stalled until TIMEOUT and got the server blacklisted."""
+    """Over TLS no record holds the end of a data block and the start of the
+    next command (``connection._tls_records``): memcached (1.6.18 here)
+    reads a value's data block with a read of just its length, and what the
+    same record holds after it stays in OpenSSL's buffer, unseen by its
+    event loop until more bytes come, so a ``set_many`` of 10 values of 2 KB
+    stalled until TIMEOUT and got the server blacklisted."""
     server = _tls_server(memcached_factory, tls_files)
     cache = make_cache(server.location, {"TLS_CA_FILE": tls_files["ca"], "TIMEOUT": 1, "IGNORE_EXC": False})
     for count in (2, 10, 60):
