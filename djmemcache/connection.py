@@ -68,6 +68,7 @@ BLOCKING_READ_MIN_TIMEOUT = 0.050
 SEND_NOW_MAX = 65536
 _SEND_NOW_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 _SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, drops what is unsent
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY)
 
 _monotonic = time.monotonic
@@ -446,13 +447,23 @@ class Connection:
             sock.close()
             raise
 
-    def close(self):
+    def close(self, abort=False):
+        """``abort`` (a connection that saw an error or an exception mid-command):
+        reset it instead of a clean close, so the kernel drops what it still
+        holds of a command we gave up on. A server that stalled would
+        otherwise run it on its return, after any later write of the same
+        keys: a ``set`` of a large value it timed out on, say."""
         sock, self.sock = self.sock, None
         self._fd = -1
         self._buf = b""
         self.unsent = None  # a failure's traceback may keep the connection, not the command
         self._records = None
         if sock is not None:
+            if abort:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+                except OSError:
+                    pass
             sock.close()
 
     def is_stale(self):

@@ -287,7 +287,7 @@ class HostPool:
                     pass
             if self._members.pop(getattr(conn, "member_ref", None), 0) != 0:
                 self._wake_waiters()
-        conn.close()
+        conn.close(abort=True)
 
     def record_failure(self, timeout, blacklisted):
         with self._lock:

@@ -230,3 +230,38 @@ def test_blacklist_read_races_never_escape_under_restarts(memcached_factory, mak
     assert errors == []
     assert sum(counts) > 100
     assert [s["in_use"] for s in cache.stats()] == [0]
+
+
+@pytest.mark.parametrize("command", ["set", "set_many"])
+def test_a_large_write_interrupted_by_an_alarm_never_runs_on_the_server_afterwards(
+        memcached_factory, make_cache, command):
+    """The caller gave up on a write to a stalled server (a request-timeout
+    alarm): its connection is reset, not closed cleanly, so the kernel drops
+    the rest of the command instead of handing it to the server when it
+    comes back, where it would land after any later write of the key."""
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 5, "IGNORE_EXC": True})
+    cache.set("k", "before")
+    big = b"x" * (900 * 1024)
+
+    def on_alarm(signum, frame):
+        raise AlarmTimeout("request took too long")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    server.pause()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(AlarmTimeout):
+            if command == "set":
+                cache.set("k", big)
+            else:
+                cache.set_many({"k": big, "k2": big})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        server.resume()
+    time.sleep(0.3)  # what the server was handed, it has run by now
+    assert cache.get("k") == "before"
+    assert cache.get("k2") is None
+    stats = cache.stats()[0]
+    assert stats["state"] == "up" and stats["in_use"] == 0
