@@ -1,6 +1,7 @@
 """Whatever is raised inside a cache call, the pool stays whole and the
 exception reaches its caller unchanged (issue: fault and exception safety)."""
 
+import contextlib
 import gc
 import random
 import signal
@@ -167,6 +168,21 @@ def test_alarm_storm_leaks_no_slot_and_every_exception_reaches_its_caller(make_c
     assert all(cache.get(k) == v for k, v in data.items())
 
 
+@contextlib.contextmanager
+def _request_timeout_alarm(seconds):
+    """SIGALRM in ``seconds`` raises AlarmTimeout, as a request-timeout alarm would."""
+    def on_alarm(signum, frame):
+        raise AlarmTimeout("request took too long")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_an_alarms_timeout_error_during_recv_is_the_callers_and_bans_nothing(memcached_factory, make_cache, caplog):
     """A request-timeout alarm fires while the call waits on a stopped server:
     its TimeoutError reaches the caller as it is, nothing is logged, the
@@ -175,20 +191,13 @@ def test_an_alarms_timeout_error_during_recv_is_the_callers_and_bans_nothing(mem
     cache = make_cache(server.location, {"TIMEOUT": 5, "IGNORE_EXC": True})
     cache.set("k", "v")
 
-    def on_alarm(signum, frame):
-        raise AlarmTimeout("request took too long")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
     server.pause()
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
         started = time.monotonic()
-        with pytest.raises(AlarmTimeout, match="request took too long"):
+        with _request_timeout_alarm(0.2), pytest.raises(AlarmTimeout, match="request took too long"):
             cache.get("k")
         assert time.monotonic() - started < 2
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
         server.resume()
     stats = cache.stats()[0]
     assert stats["state"] == "up" and stats["in_use"] == 0 and stats["idle"] == 0
@@ -244,21 +253,14 @@ def test_a_large_write_interrupted_by_an_alarm_never_runs_on_the_server_afterwar
     cache.set("k", "before")
     big = b"x" * (900 * 1024)
 
-    def on_alarm(signum, frame):
-        raise AlarmTimeout("request took too long")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
     server.pause()
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(AlarmTimeout):
+        with _request_timeout_alarm(0.3), pytest.raises(AlarmTimeout):
             if command == "set":
                 cache.set("k", big)
             else:
                 cache.set_many({"k": big, "k2": big})
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
         server.resume()
     time.sleep(0.3)  # what the server was handed, it has run by now
     assert cache.get("k") == "before"
