@@ -543,7 +543,7 @@ class Connection:
                 return sock.send(view, _SEND_FLAGS)
             records = self._records
             if records:
-                view = view[:records[0]]  # up to the end of this command (see _send)
+                view = view[:records[0]]  # up to the end of this piece (_tls_records)
             sent = sock.send(view)  # non-blocking since the handshake
             if sent:
                 if records:

@@ -287,7 +287,9 @@ class HostPool:
                     pass
             if self._members.pop(getattr(conn, "member_ref", None), 0) != 0:
                 self._wake_waiters()
-        conn.close(abort=True)
+        # Reset (Connection.close), unless opened before a fork: the option
+        # would hold for the parent's close of the same socket too.
+        conn.close(abort=conn.pid == self._pid)
 
     def record_failure(self, timeout, blacklisted):
         with self._lock:
