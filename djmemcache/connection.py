@@ -449,10 +449,11 @@ class Connection:
 
     def close(self, abort=False):
         """``abort`` (a connection that saw an error or an exception mid-command):
-        reset it instead of a clean close, so the kernel drops what it still
-        holds of a command we gave up on. A server that stalled would
+        reset it instead of a clean close, so this side's kernel drops what it
+        still holds of a command we gave up on. A server that stalled would
         otherwise run it on its return, after any later write of the same
-        keys: a ``set`` of a large value it timed out on, say."""
+        keys: a ``set`` of a large value it timed out on, say. Commands
+        already whole in the server's own receive buffer still run there."""
         sock, self.sock = self.sock, None
         self._fd = -1
         self._buf = b""

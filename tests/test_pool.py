@@ -405,3 +405,27 @@ def test_the_pool_reads_the_clock_the_c_path_stamps_connections_with(mc1):
     else:
         assert pool_module._now is pool_module._speedups.monotonic
         assert abs(pool_module._now() - time_module.monotonic()) < 0.01
+
+
+def test_a_forked_child_closes_its_copies_of_connections_in_use_by_the_parents_other_threads(mc1):
+    """The parent's call goes on in the parent only: a copy of its socket
+    left open in the child would keep the connection alive after the parent
+    resets it (a command given up on), so the rest would still be sent."""
+    pool = _pool(mc1.location)
+    conn = pool.acquire()  # in use, as by another thread at the fork
+    fd = conn.sock.fileno()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            try:
+                os.fstat(fd)
+            except OSError:
+                code = 0  # closed here
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert conn.get("anything") is None  # the parent's connection is untouched
+    pool.release(conn)
+    assert pool.status() == {"in_use": 0, "idle": 1, "opened": 1}
+    pool.clear_idle()
