@@ -312,12 +312,11 @@ class HostPool:
 
     def _forget_after_fork(self):
         # In a forked child: the parent owns these sockets. Closing our copy
-        # of the descriptor does not disturb the parent's connection. Those in
-        # use by the parent's other threads too (their calls never go on here):
-        # a copy left open would keep the socket alive after the parent closes
-        # it, so the reset of a command it gave up on (discard) would not happen.
-        for conn in self._idle:
-            conn.close()
+        # of the descriptor does not disturb the parent's connection. Every
+        # member's, idle or in use by the parent's other threads (their calls
+        # never go on here): a copy left open would keep the socket alive after
+        # the parent closes it, so the reset of a command it gave up on
+        # (discard) would not happen.
         for sock in self._members.values():
             if sock is not None:
                 try:
