@@ -495,12 +495,6 @@ class Blacklist:
                 self._update()
         return claimed
 
-    def state_of(self, index):
-        """``(next_probe_at, reason)`` on the blacklist's clock, or None when live."""
-        with self._lock:
-            entry = self._banned.get(index)
-            return (entry.until, entry.reason) if entry else None
-
     def report(self, index):
         """``(next_probe_at, reason, keys its return deletes, whether it is
         flushed instead)``, read at once; None when live."""

@@ -99,7 +99,7 @@ def test_failed_probe_doubles_the_wait_for_the_next_one(memcached_factory):
         client.get(":1:any")  # starts a probe: still refused
         client.wait_for_probes()
         assert client.blacklist.live == (1,)
-        assert client.blacklist.state_of(0)[0] == clock.now + 2
+        assert client.blacklist.report(0)[0] == clock.now + 2
     finally:
         client.close()
 

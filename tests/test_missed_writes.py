@@ -229,7 +229,7 @@ def _old_value_on_a_banned_server(client, server):
 
 
 def _probe(client, clock, index):
-    clock.now = client.blacklist.state_of(index)[0]
+    clock.now = client.blacklist.report(index)[0]
     client.get(":1:whatever")
     client.wait_for_probes()
 
@@ -473,7 +473,7 @@ def test_a_server_that_hangs_in_the_last_round_of_its_repair_holds_writers_once_
             return result
 
         client.blacklist.close = close
-        clock.now = client.blacklist.state_of(0)[0]
+        clock.now = client.blacklist.report(0)[0]
         client.get(":1:x")  # starts the probe
         time.sleep(0.3)
         took = []
@@ -618,7 +618,7 @@ def test_stats_count_the_keys_a_repair_under_way_deletes(memcached_factory):
         client.set_many({":1:k%d" % i: i for i in range(40)}, 0)
         before = client.status()[1]
         assert before["missed_keys"] > 0 and before["flush_on_return"] is False
-        clock.now = client.blacklist.state_of(1)[0]
+        clock.now = client.blacklist.report(1)[0]
         client.get(":1:whatever")  # starts the probe; its repair waits in delete_many
         assert entered.wait(5)
         during = client.status()[1]

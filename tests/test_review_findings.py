@@ -236,7 +236,7 @@ def test_server_that_passes_probes_but_times_out_every_call_is_probed_ever_later
         for key in keys[1][:7]:
             assert client.get(key) is MISS  # timed out: banned
             assert client.blacklist.live == (0,)
-            delays.append(client.blacklist.state_of(1)[0] - clock.now)
+            delays.append(client.blacklist.report(1)[0] - clock.now)
             clock.now = client.blacklist.next_probe
             assert client.get(keys[0][0]) == "healthy"  # starts the probe, which passes
             client.wait_for_probes()

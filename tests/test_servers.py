@@ -140,7 +140,7 @@ def test_failed_probes_back_off_exponentially_up_to_blacklist_time():
         bl.probe_failed(0, "probe failed: connection refused")
         delays.append(bl.next_probe - clock.now)
     assert delays == [2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
-    assert bl.state_of(0) == (clock.now + 10, "probe failed: connection refused")
+    assert bl.report(0)[:2] == (clock.now + 10, "probe failed: connection refused")
     assert bl.live == ()
     bl.restore(0)
     clock.now += 10  # in service for BLACKLIST_TIME (its last delay): healthy again
