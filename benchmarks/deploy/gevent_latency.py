@@ -16,7 +16,10 @@ with the workers' CPU and context switches per request. With several
 workers it also says how many of wrk's connections each worker held:
 they stay with whichever worker won each accept, the split is a lottery
 (29 and 3 as often as 16 and 16), and an uneven round runs slower whatever
-the cache, so the medians of the even rounds are printed too. On
+the cache, so the medians of the even rounds are printed too. Each round
+first warms every worker up with requests on connections of their own,
+and the workers' bytecode is written once and read after (as an installed
+package's would be), so neither worker meets the measured run cold. On
 a shared machine the p99s are noisy: compare backends within one run.
 Timing is only reported, never asserted.
 
@@ -107,11 +110,21 @@ def _wait_listening(port, proc, timeout=20):
     raise RuntimeError("gunicorn did not listen on %d" % port)
 
 
-def gunicorn(backend, location, options, workers, log, bindir, extra=(), worker_class="gevent"):
-    """gunicorn from ``bindir`` (a venv's bin: its djmemcache is the one measured)."""
+def gunicorn(backend, location, options, workers, log, bindir, extra=(), worker_class="gevent",
+             pycache=None):
+    """gunicorn from ``bindir`` (a venv's bin: its djmemcache is the one measured).
+
+    ``pycache``: a directory for the bytecode of every module the workers
+    import. A source checkout run with PYTHONDONTWRITEBYTECODE (as here)
+    compiles djmemcache anew in every worker, some 25 ms of a worker's
+    first request that an installed package (compiled by pip) never pays,
+    and Django's modules, installed, did not pay either."""
     port = free_port()
     env = dict(os.environ, DEPLOY_BACKEND=backend, DEPLOY_LOCATION=location,
                DEPLOY_OPTIONS=json.dumps(options), PYTHONPATH=TESTS)
+    if pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = pycache
     command = [os.path.join(bindir, "gunicorn"), "-k", worker_class,
                "-w", str(workers), "-b", "127.0.0.1:%d" % port, "--log-level", "warning",
                *extra, "deploy_app:wsgi"]
@@ -192,9 +205,11 @@ def _look_at_split(into, master, port):
     into.update(_connections_per_worker(master, port))
 
 
-def wrk(port, seconds, connections, script):
+def wrk(port, seconds, connections, script, close=False):
+    """wrk's figures; with ``close``, every request on a connection of its own."""
     output = subprocess.run(
         ["wrk", "-t", "2", "-c", str(connections), "-d", "%ds" % seconds, "--latency",
+         *(["-H", "Connection: close"] if close else []),
          "-s", script, "http://127.0.0.1:%d/" % port],
         capture_output=True, text=True, check=True).stdout
     return parse_wrk(output)
@@ -249,7 +264,8 @@ def _run(args, names, backends, location, extra):
         with open(script, "w") as f:
             f.write(WRK_SCRIPT)
         with open(os.path.join(tmp, "gunicorn.log"), "w+") as log:
-            full_log = _rounds(args, names, backends, location, extra, script, log, figures)
+            full_log = _rounds(args, names, backends, location, extra, script, log, figures,
+                               os.path.join(tmp, "pycache"))
     tail = full_log[-3000:]
     print("\nmedian of %d rounds, gunicorn -k %s -w %d%s, %d memcached, wrk -c %d -d %ds:"
           % (args.rounds, args.worker_class, args.workers, "".join(" " + e for e in extra),
@@ -292,16 +308,22 @@ def _medians(runs):
     return {k: statistics.median(r[k] for r in runs) for k in figures}
 
 
-def _rounds(args, names, backends, location, extra, script, log, figures):
+def _rounds(args, names, backends, location, extra, script, log, figures, pycache=None):
     """Run the rounds, backends interleaved; return gunicorn's log."""
     for round_ in range(args.rounds):
         for name in names:
             backend, options = backends[name]
             proc, port = gunicorn(backend, location, options, args.workers, log,
                                   os.path.join(os.path.abspath(args.venv), "bin"), extra,
-                                  args.worker_class)
+                                  args.worker_class, pycache)
             try:
-                wrk(port, 2, args.connections, script)  # warm up: connections, imports
+                # Warm up (imports, Django's first request, the cache's connections)
+                # every worker: on connections of one request each, so each worker
+                # wins accepts. On keep-alive connections one worker often won all
+                # 32 and the other met the measured run cold, and lost its accepts
+                # while it warmed up: the split then favoured whichever worker was
+                # warm, and the longer a first request took, the more.
+                wrk(port, 2, args.connections, script, close=True)
                 cpu, switches = _workers_usage(proc.pid)
                 split = {}
                 look = threading.Timer(args.seconds / 2, _look_at_split, (split, proc.pid, port))
