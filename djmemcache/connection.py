@@ -982,8 +982,12 @@ class Connection:
         line = self._one_line(b"%s %s %d\r\n" % (command, self._wire(key), abs(value)))
         if line == b"NOT_FOUND":
             return None
-        if line.isdigit() and len(line) <= 20:
-            return int(line)
+        # memcached's counters are unsigned 64-bit, printed without padding:
+        # anything else (21 nines, a leading zero) never came from one.
+        if line.isdigit() and len(line) <= 20 and (line[0] != 0x30 or len(line) == 1):
+            number = int(line)
+            if number < 1 << 64:
+                return number
         _raise_error_line(line)
 
     def flush_all(self):

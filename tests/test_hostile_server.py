@@ -573,7 +573,8 @@ def test_a_reply_of_the_wrong_shape_closes_the_connection(make_cache, fake_memca
 
 
 @pytest.mark.parametrize("reply", [b"abc", b"-1", b"1.5", b"", b" 1", b"1 ", b"0x10", b"1" * 21,
-                                   "\u0661".encode(), b"9" * 5000])
+                                   "\u0661".encode(), b"9" * 5000, b"9" * 20, b"18446744073709551616",
+                                   b"00000000000000000042", b"01"])
 @pytest.mark.parametrize("command", ["incr", "decr"])
 def test_an_incr_reply_that_is_not_a_number_is_a_protocol_error(make_cache, fake_memcached, ignore_exc, command,
                                                                 reply):
