@@ -254,10 +254,12 @@ class Client:
         """Bring server ``index`` back after its probe passed on ``conn``:
         delete there what it missed while banned, in rounds (each deletes
         what was missed during the last), the last ones while writers of its
-        keys wait (``Blacklist.close``), then restore it; then delete the
-        copies the other servers took, which a later ban of this one would
-        serve. Raises when the server fails meanwhile, all it missed (and
-        where the copies are) given back to the blacklist for its next probe."""
+        keys wait (``Blacklist.close``), with the copies the other servers
+        took, then restore it. The copies go before it is back, not after:
+        banned again in between (dead right after its probe), it sent its
+        keys' reads back to them, older than what was written and read on
+        it meanwhile. Raises when the server fails meanwhile, all it missed
+        (and where the copies are) given back to the blacklist for its next probe."""
         strays = {}  # {key: bits of the other servers that took it}
         missed = {}
         try:
@@ -271,6 +273,8 @@ class Client:
                 missed = self.blacklist.close(index, missed, self._repair_wait)
                 if missed:
                     self._repair(index, conn, missed, strays)
+                if strays:
+                    self._delete_strays(index, strays)
                 missed = self.blacklist.restore(index)
                 if not missed:  # else missed meanwhile (a writer's wait ran out, a flush_all): again
                     break
@@ -280,8 +284,7 @@ class Client:
             self.blacklist.unrepaired(index, merge_missed(missed, strays))  # the writers waiting go on
             raise
         if strays:
-            self._delete_strays(index, strays)
-            # Once more later: a write placed before the return may land after this.
+            # Once more later: a write placed before the return may land after the first.
             timer = threading.Timer(self._stray_delay, self._delete_strays, (index, strays))
             timer.daemon = True
             with _registry_lock:

@@ -509,6 +509,30 @@ def test_copies_written_after_a_missed_flush_all_are_still_deleted(cluster):
     assert _reban_and_read(client, clock, servers[0], key, own2) in (MISS, "v2")
 
 
+def test_the_copies_other_servers_took_are_deleted_before_the_server_is_back(cluster, monkeypatch):
+    """Deleted after its return, a copy was served again when the server was
+    banned again first (dead right after its probe): older than a value
+    written and read on the server back meanwhile."""
+    servers, clock, client = cluster(2)
+    key, own, own2 = _keys_ranked([s.node for s in client.servers], [0], count=3)
+    assert client.set(key, "v1", 0) is True
+    _stall_and_ban(client, servers[0], own)
+    assert client.set(key, "v2", 0) is True  # a copy on server 1
+    servers[0].resume()
+    copies_at_return = []
+    real_restore = client.blacklist.restore
+
+    def restore(index):
+        copies_at_return.append(servers[1].stats()["curr_items"])
+        return real_restore(index)
+
+    monkeypatch.setattr(client.blacklist, "restore", restore)
+    _probe(client, clock, 0)
+    assert copies_at_return == [0]
+    assert client.set(key, "v3", 0) is True and client.get(key) == "v3"  # on server 0
+    assert _reban_and_read(client, clock, servers[0], key, own2) in (MISS, "v3")
+
+
 def test_a_repair_that_fails_in_its_last_round_gives_back_the_copies_of_the_rounds_before(
         cluster, monkeypatch):
     from djmemcache import client as client_module
