@@ -371,10 +371,9 @@ class Client:
             other = 0
             while written:
                 if written & 1:
-                    if other in live:
+                    # Back since live was read (missed says False): deleted there now.
+                    if other in live or not self.blacklist.missed(other, key, None, wait=False):
                         groups.setdefault(other, []).append(key)
-                    else:
-                        self.blacklist.missed(other, key, None, wait=False)
                 written >>= 1
                 other += 1
         if not groups:

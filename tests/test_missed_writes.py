@@ -645,6 +645,19 @@ def test_a_discarded_connection_still_open_past_the_wait_fails_one_probe_only(cl
         left.close()
 
 
+def test_a_copy_on_a_server_back_since_the_deletion_began_is_deleted_there(cluster):
+    """The deletion of the copies read which servers were live, then named
+    the copy on one that was not to it: back in between, it was named to
+    nobody and never deleted."""
+    servers, clock, client = cluster(3)
+    key = ":1:copied"
+    assert servers[2].command(b"set %s 0 0 2\r\nv2\r\n" % key.encode(), until=b"STORED\r\n")
+    # As read at the start: server 2 out. The blacklist, asked after, says it is back.
+    client.blacklist.state = ((0, 1), clock.now + 100)
+    client._delete_strays(0, {key: 1 << 2})
+    assert servers[2].stats()["curr_items"] == 0
+
+
 def test_a_repair_that_fails_in_its_last_round_gives_back_the_copies_of_the_rounds_before(
         cluster, monkeypatch):
     from djmemcache import client as client_module
