@@ -29,7 +29,6 @@ from djmemcache.connection import (
     _load_speedups,
     _native_failure,
     _store_outcome,
-    client_name,
     exchange_many,
     send_unsent,
     tls_context_for,
@@ -264,7 +263,6 @@ class Client:
         strays = {}  # {key: bits of the other servers that took it}
         missed = {}
         try:
-            self._await_abandoned(index, conn)
             missed = self.blacklist.missed_by(index)
             rounds = 1
             while rounds < REPAIR_ROUNDS and (FLUSH in missed or len(missed) > REPAIR_BATCH):
@@ -292,48 +290,6 @@ class Client:
             with _registry_lock:
                 _timers[:] = [t for t in _timers if t.is_alive()] + [timer]
             timer.start()
-
-    def _await_abandoned(self, index, probe):
-        """Wait until server ``index`` has closed the connections this process
-        discarded mid-command (``HostPool.abandoned``). A server that stalled
-        runs what its own buffers still hold of their commands when it
-        resumes, which can be while its probe passes: a ``set`` of a key it
-        missed that ran after the repair deleted that key would be served
-        once it is back. memcached's ``stats conns`` says which are still
-        open, on a connection of its own (a server that cannot say, such
-        as twemproxy, which hangs up, is not waited for). At most
-        ``_repair_wait``: then the probe fails, and the next one no longer
-        waits for those (their port may be another connection's by now)."""
-        pool = self.pools[index]
-        names = set(pool.abandoned)
-        names.discard(client_name(probe.sock))  # a port freed by a reset can come back
-        if not names:
-            return
-        conn = self.connection_class(self.servers[index], self.options, self.tls)
-        conn.timeout, conn.connect_timeout = probe.timeout, probe.connect_timeout
-        try:
-            conn.connect()
-            names.discard(client_name(conn.sock))
-            deadline = time.monotonic() + self._repair_wait
-            pause = 0.002
-            while True:
-                try:
-                    listed = conn.still_listed(names)
-                except ProtocolError:  # ERROR, or a proxy hung up: it cannot say
-                    return
-                pool.forget_abandoned(names - listed)
-                if not listed:
-                    return
-                if time.monotonic() >= deadline:
-                    pool.forget_abandoned(listed)
-                    raise ServerError("%d connections discarded mid-command still open there"
-                                      % len(listed))
-                self.blacklist.hold(index, self._probe_hold)
-                time.sleep(pause)
-                pause = min(2 * pause, 0.05)  # the reply lists every connection it has
-                names = listed
-        finally:
-            conn.close()
 
     def _repair(self, index, conn, missed, strays):
         """Delete on ``conn`` (server ``index``) the keys it ``missed``, or

@@ -21,14 +21,13 @@ No network I/O happens while the pool lock is held: the lock only moves
 connections between "idle" and "in use" and counts slots.
 """
 
-import collections
 import logging
 import os
 import threading
 import time
 import weakref
 
-from djmemcache.connection import Connection, _load_speedups, client_name
+from djmemcache.connection import Connection, _load_speedups
 from djmemcache.exceptions import PoolTimeout
 
 logger = logging.getLogger("djmemcache.pool")
@@ -39,9 +38,6 @@ _speedups = _load_speedups()
 # The clock the C path stamps connections with (the same as time.monotonic,
 # but not replaced by a test's fake clock: two clocks would make idle times wrong).
 _now = time.monotonic if _speedups is None else _speedups.monotonic
-
-#: How many connections discarded mid-command a pool remembers (``HostPool.abandoned``).
-ABANDONED_MAX = 256
 
 #: Seconds of idleness after which a pooled connection is checked for a
 #: close by the server before it is used again.
@@ -106,11 +102,6 @@ class HostPool:
         # raises while Condition.wait re-acquires the lock leaves the lock unowned.
         self._waiters = []
         self._pid = os.getpid()
-        # The names (connection.client_name) of connections discarded after
-        # an error or an exception: a server that stalled runs, once it
-        # resumes, what its own buffers still hold of their commands
-        # (Client._await_abandoned). Appended without the lock (atomic).
-        self.abandoned = collections.deque(maxlen=ABANDONED_MAX)
         self.opened = 0  # connections opened by this process, for stats and tests
         self.hits = self.misses = self.errors = self.timeouts = self.blacklistings = 0
 
@@ -298,24 +289,7 @@ class HostPool:
                 self._wake_waiters()
         # Reset (Connection.close), unless opened before a fork: the option
         # would hold for the parent's close of the same socket too.
-        ours = conn.pid == self._pid
-        try:
-            if ours and conn.sock is not None:
-                name = client_name(conn.sock)
-                if name is not None:
-                    self.abandoned.append(name)
-        finally:
-            conn.close(abort=ours)
-
-    def forget_abandoned(self, names):
-        """Drop ``names`` from ``abandoned``: the server closed them, or their
-        port may be another connection's by now."""
-        for name in names:  # deque.remove is atomic, as discard's append: no lock
-            while True:
-                try:
-                    self.abandoned.remove(name)
-                except ValueError:
-                    break
+        conn.close(abort=conn.pid == self._pid)
 
     def record_failure(self, timeout, blacklisted):
         with self._lock:

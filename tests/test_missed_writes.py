@@ -2,7 +2,6 @@
 written while it was out: the writes it missed are deleted there first."""
 
 import logging
-import socket
 import threading
 import time
 
@@ -10,7 +9,6 @@ import pytest
 
 from djmemcache import servers as servers_module
 from djmemcache.client import MISS, Client
-from djmemcache.connection import Connection, client_name
 from djmemcache.options import parse_options
 from tests.test_failover import FakeClock, _keys_owned_by
 
@@ -533,116 +531,6 @@ def test_the_copies_other_servers_took_are_deleted_before_the_server_is_back(clu
     assert copies_at_return == [0]
     assert client.set(key, "v3", 0) is True and client.get(key) == "v3"  # on server 0
     assert _reban_and_read(client, clock, servers[0], key, own2) in (MISS, "v3")
-
-
-def _left_behind(server, commands):
-    """A connection to SIGSTOPped ``server`` given up on with ``commands``
-    (whole ones) in the server's buffers, as ``HostPool.discard`` leaves one
-    whose reset came too late; returns it, open."""
-    sock = socket.create_connection((server.host, server.port))
-    sock.setblocking(False)
-    for command in commands:
-        try:
-            sent = sock.send(command)
-        except BlockingIOError:
-            break
-        assert sent == len(command)  # a partial command would be dropped, not run
-    else:
-        return sock
-    sock.close()
-    pytest.skip("the kernel's buffers held too little of the commands")
-
-
-class _ResumingProbe(Connection):
-    """Resumes the server it probes while it waits for its version: the
-    server then runs a stalled connection's commands while the probe passes."""
-
-    server = None
-
-    def version(self):
-        resume = threading.Timer(0.02, type(self).server.resume)
-        resume.start()
-        try:
-            return super().version()
-        finally:
-            resume.join()
-
-
-def test_commands_a_resumed_server_runs_from_a_discarded_connection_run_before_its_repair(memcached_factory):
-    """A server stalled mid-``set_many`` runs, once it resumes, what its own
-    buffers hold of a connection given up on. When that was while its probe
-    passed, sets of keys it missed landed after the repair deleted them
-    there, and it came back serving those older values."""
-    servers = [memcached_factory() for _ in range(2)]
-    clock = FakeClock()
-    client = Client(parse_options([s.location for s in servers], {"TIMEOUT": 1, "BLACKLIST_TIME": 30},
-                                  clock=clock), connection_class=_ResumingProbe)
-    left = None
-    try:
-        nodes = [s.node for s in client.servers]
-        keys = _keys_ranked(nodes, [0], count=1500, prefix=":1:late-")
-        own = _keys_ranked(nodes, [0], count=1, prefix=":1:own-")[0]
-        assert client.set_many({key: "v1" for key in keys}, 0) == []
-        servers[0].pause()
-        # Other commands first, then the keys' sets in the reverse order of
-        # the repair's deletes: without the wait, deletes overtake sets.
-        filler = [b"set :1:filler-%d 0 0 2 noreply\r\nv0\r\n" % n for n in range(30000)]
-        late = [b"set %s 0 0 2 noreply\r\nv2\r\n" % key.encode() for key in reversed(keys)]
-        left = _left_behind(servers[0], filler + late)
-        client.pools[0].abandoned.append(client_name(left))
-        _stall_and_ban(client, servers[0], own)
-        assert client.set_many({key: "v3" for key in keys}, 0) == []  # to server 1, named to server 0
-        # Its end only: the server runs what it holds of it, then closes it.
-        # (A socket closed here would answer the server with a reset, which
-        # drops what is still in the server's kernel; what memcached has
-        # already read into its own buffer, up to 16 KB, runs all the same,
-        # and that is the case this stands for, made larger.)
-        left.shutdown(socket.SHUT_WR)
-        _ResumingProbe.server = servers[0]
-        _probe(client, clock, 0)
-        assert client.blacklist.state[1] is None
-        left.settimeout(10)
-        assert left.recv(1) == b""  # the server ran all it held of it and closed it
-        assert client.get_many(keys) == {}  # deleted there after the late sets ran, not before
-        assert list(client.pools[0].abandoned) == []
-    finally:
-        client.close()
-        if left is not None:
-            left.close()
-
-
-def test_a_server_that_cannot_list_its_connections_still_comes_back(make_cache, fake_memcached):
-    """``stats conns`` answered ERROR: nothing to wait for."""
-    cache = make_cache(fake_memcached.location, {"TIMEOUT": 0.3})
-    client = cache.client
-    client.pools[0].abandoned.append("tcp:127.0.0.1:1")
-    client.blacklist.ban(0, "a test")
-    client.blacklist.state = (client.blacklist.state[0], 0.0)  # probe due
-    client.blacklist._banned[0].until = 0.0
-    client._start_probes()
-    client.wait_for_probes()
-    assert client.blacklist.state[1] is None, client.blacklist.report(0)
-    assert [line for line, _data in fake_memcached.received] == [b"version", b"stats conns"]
-
-
-def test_a_discarded_connection_still_open_past_the_wait_fails_one_probe_only(cluster):
-    """Its port may be another connection's by now: the next probe does not wait for it."""
-    servers, clock, client = cluster(1)
-    client.set("k", "v", 0)
-    _stall_and_ban(client, servers[0], ":1:k")
-    servers[0].resume()
-    left = socket.create_connection((servers[0].host, servers[0].port))
-    try:
-        client.pools[0].abandoned.append(client_name(left))
-        started = time.monotonic()
-        _probe(client, clock, 0)
-        assert client.blacklist.state[1] is not None  # still out: it did not close
-        assert time.monotonic() - started < 2
-        assert "still open" in client.blacklist.report(0)[1]
-        _probe(client, clock, 0)
-        assert client.blacklist.state[1] is None
-    finally:
-        left.close()
 
 
 def test_a_copy_on_a_server_back_since_the_deletion_began_is_deleted_there(cluster):

@@ -429,20 +429,3 @@ def test_a_forked_child_closes_its_copies_of_connections_in_use_by_the_parents_o
     pool.release(conn)
     assert pool.status() == {"in_use": 0, "idle": 1, "opened": 1}
     pool.clear_idle()
-
-
-def test_a_discarded_connection_is_remembered_by_the_name_memcached_lists_it_under(mc1):
-    """What a server that stalled still holds of its commands runs when it
-    resumes: its probe waits until the server has closed it (Client._await_abandoned)."""
-    pool = _pool(mc1.location)
-    conn = pool.acquire()
-    host, port = conn.sock.getsockname()
-    assert conn.still_listed({"tcp:%s:%d" % (host, port), "tcp:127.0.0.1:1"}) == {"tcp:%s:%d" % (host, port)}
-    pool.discard(conn)
-    assert list(pool.abandoned) == ["tcp:%s:%d" % (host, port)]
-    released = pool.acquire()
-    pool.release(released)  # given back cleanly: not remembered
-    assert len(pool.abandoned) == 1
-    pool.forget_abandoned({"tcp:%s:%d" % (host, port)})
-    assert list(pool.abandoned) == []
-    pool.clear_idle()

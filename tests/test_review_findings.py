@@ -211,11 +211,8 @@ def test_shortest_timeout_still_times_out_a_stopped_server(make_cache, memcached
 # -- finding 10: a server that passes the probe and fails every call -----------------
 
 def _answers_version_only(line, data):
-    """And ``stats conns``, which a probe asks after a call gave up on a connection."""
     from fakeserver import SILENCE
 
-    if line == b"stats conns":
-        return b"END\r\n"
     return b"VERSION 1.6.0-flapping\r\n" if line == b"version" else SILENCE
 
 
