@@ -266,15 +266,13 @@ class Client:
             missed = self.blacklist.missed_by(index)
             rounds = 1
             while rounds < REPAIR_ROUNDS and (FLUSH in missed or len(missed) > REPAIR_BATCH):
-                self._repair(index, conn, missed, strays)
+                self._repair_round(index, conn, missed, strays)
                 missed = self.blacklist.missed_by(index)
                 rounds += 1
             for _round in range(CLOSING_ROUNDS):
                 missed = self.blacklist.close(index, missed, self._repair_wait)
                 if missed:
-                    self._repair(index, conn, missed, strays)
-                if strays:
-                    self._delete_strays(index, strays)
+                    self._repair_round(index, conn, missed, strays)
                 missed = self.blacklist.restore(index)
                 if not missed:  # else missed meanwhile (a writer's wait ran out, a flush_all): again
                     break
@@ -290,6 +288,17 @@ class Client:
             with _registry_lock:
                 _timers[:] = [t for t in _timers if t.is_alive()] + [timer]
             timer.start()
+
+    def _repair_round(self, index, conn, missed, strays):
+        """``_repair`` of ``missed``, then the deletion of the copies of its
+        keys on the other servers (added to ``strays``): each round's own,
+        so writers waiting for the last round wait for its copies only."""
+        copies = {}
+        self._repair(index, conn, missed, copies)
+        if copies:
+            self._delete_strays(index, copies, hold=True)
+            for key, written in copies.items():
+                strays[key] = strays.get(key, 0) | written
 
     def _repair(self, index, conn, missed, strays):
         """Delete on ``conn`` (server ``index``) the keys it ``missed``, or
@@ -317,7 +326,7 @@ class Client:
             if written & others and key is not FLUSH:
                 strays[key] = strays.get(key, 0) | (written & others)
 
-    def _delete_strays(self, index, strays):
+    def _delete_strays(self, index, strays, hold=False):
         """Delete the copies of keys other servers took while ``index`` was
         banned; a server banned now (or whose delete fails) has them named,
         to be deleted on its return."""
@@ -332,14 +341,19 @@ class Client:
                         groups.setdefault(other, []).append(key)
                 written >>= 1
                 other += 1
-        if not groups:
-            return
-        for batch, outcome in self._pipeline("delete", groups, Connection.send_delete_many,
-                                             Connection.read_delete_many, retry=True):
-            if isinstance(outcome, DjmemcacheError):
-                self._unsure(outcome, batch)  # deleted on its return if that failure banned it
-                logger.warning("copies of %d keys written while %s was blacklisted not deleted: %s",
-                               len(batch), self.servers[index], outcome)
+        # In batches, each with a TIMEOUT of its own: 90,000 deletes in one
+        # pipeline outlasted a short TIMEOUT and banned a healthy server.
+        for start in range(0, max(map(len, groups.values()), default=0), REPAIR_BATCH):
+            batches = {other: keys[start:start + REPAIR_BATCH] for other, keys in groups.items()
+                       if len(keys) > start}
+            if hold:  # a return under way stays claimed
+                self.blacklist.hold(index, self._probe_hold)
+            for batch, outcome in self._pipeline("delete", batches, Connection.send_delete_many,
+                                                 Connection.read_delete_many, retry=True):
+                if isinstance(outcome, DjmemcacheError):
+                    self._unsure(outcome, batch)  # deleted on its return if that failure banned it
+                    logger.warning("copies of %d keys written while %s was blacklisted not deleted: %s",
+                                   len(batch), self.servers[index], outcome)
 
     # -- bringing blacklisted servers back -----------------------------------
 

@@ -546,6 +546,45 @@ def test_a_copy_on_a_server_back_since_the_deletion_began_is_deleted_there(clust
     assert servers[2].stats()["curr_items"] == 0
 
 
+def test_writers_waiting_for_a_return_wait_for_the_last_rounds_copies_only_deleted_in_batches(
+        cluster, monkeypatch):
+    """Each round deletes the copies of its own keys: the last one, which
+    writers wait for, deleted every copy of every round. And in batches of
+    REPAIR_BATCH, each with its own TIMEOUT: 90,000 in one pipeline outlasted
+    a short TIMEOUT and banned the healthy server that held them."""
+    from djmemcache import client as client_module
+
+    monkeypatch.setattr(client_module, "REPAIR_BATCH", 3)
+    servers, clock, client = cluster(2)
+    nodes = [s.node for s in client.servers]
+    own = _keys_ranked(nodes, [0], count=1, prefix=":1:own-")[0]
+    keys = _keys_ranked(nodes, [0], count=10, prefix=":1:copy-")
+    _stall_and_ban(client, servers[0], own)
+    assert client.set_many({key: "v" for key in keys}, 0) == []  # copies on server 1
+    assert servers[1].stats()["curr_items"] == 10
+    servers[0].resume()
+    deleted = []  # (copies, while writers wait)
+    real_delete, real_pipeline = client._delete_strays, client._pipeline
+    sizes = []
+
+    def delete_strays(index, strays, hold=False):
+        deleted.append((len(strays), client.blacklist._banned[0].closing is not None))
+        return real_delete(index, strays, hold)
+
+    def pipeline(command, groups, *args, **kwargs):
+        sizes.extend(len(keys) for keys in groups.values())
+        return real_pipeline(command, groups, *args, **kwargs)
+
+    monkeypatch.setattr(client, "_delete_strays", delete_strays)
+    monkeypatch.setattr(client, "_pipeline", pipeline)
+    _probe(client, clock, 0)
+    assert client.blacklist.state[1] is None
+    assert servers[1].stats()["curr_items"] == 0
+    assert sum(n for n, _waiting in deleted) == 10
+    assert sum(n for n, waiting in deleted if waiting) <= 3
+    assert sizes and max(sizes) <= 3
+
+
 def test_a_repair_that_fails_in_its_last_round_gives_back_the_copies_of_the_rounds_before(
         cluster, monkeypatch):
     from djmemcache import client as client_module
