@@ -334,6 +334,14 @@ def tls_context_for(options):
 class Connection:
     """A socket to one server; connected by the pool before first use."""
 
+    # Defaults here, set on an instance only on the rare paths that change
+    # them (a full socket, TLS): CPython keeps at most 30 instance attributes
+    # in its fast shared-key layout, and a 31st made every attribute read of
+    # a pooled connection slower (``get``: 24.9k -> 26.2k instructions).
+    # tests/test_pool.py counts them.
+    unsent_event = select.POLLOUT  # what a deferred send waits for (TLS may have to read first)
+    _records = None  # over TLS: lengths of the pieces each TLS record must end (_send_some)
+
     def __init__(self, server, options, tls_context=None):
         self.server = server
         self.timeout = options.timeout
@@ -355,8 +363,6 @@ class Connection:
         self._native_get = False
         self._read_late_for = None  # the deadline of a command read at twice TIMEOUT (_recv)
         self.unsent = None  # what a deferred send left for send_unsent (a memoryview)
-        self.unsent_event = select.POLLOUT  # what it waits for (TLS may have to read first)
-        self._records = None  # over TLS: lengths of the pieces each TLS record must end (_send_some)
         # The pool's state, all set here: the pool's C path (_speedups.pool_give)
         # then only replaces values, never adds an attribute (which could
         # allocate a dict and run the collector).
@@ -459,7 +465,8 @@ class Connection:
         self._fd = -1
         self._buf = b""
         self.unsent = None  # a failure's traceback may keep the connection, not the command
-        self._records = None
+        if self._records is not None:
+            self._records = None
         if sock is not None:
             if abort:
                 try:
@@ -514,7 +521,7 @@ class Connection:
             if sent > 0:
                 data = data[sent:]
         view = memoryview(data)
-        if self._tls:
+        if self._tls and (self._records is not None or (records is not None and len(records) > 1)):
             self._records = collections.deque(records) if records is not None and len(records) > 1 else None
         if defer:
             while view:
@@ -562,7 +569,8 @@ class Connection:
             return None
         except (BlockingIOError, ssl.SSLWantWriteError):
             pass
-        self.unsent_event = select.POLLOUT
+        if self.unsent_event != select.POLLOUT:
+            self.unsent_event = select.POLLOUT
         return None
 
     def _recv(self, deadline, size=RECV_SIZE):
