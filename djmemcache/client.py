@@ -297,8 +297,7 @@ class Client:
         self._repair(index, conn, missed, copies)
         if copies:
             self._delete_strays(index, copies, hold=True)
-            for key, written in copies.items():
-                strays[key] = strays.get(key, 0) | written
+            merge_missed(strays, copies)
 
     def _repair(self, index, conn, missed, strays):
         """Delete on ``conn`` (server ``index``) the keys it ``missed``, or
