@@ -521,8 +521,10 @@ class Connection:
             if sent > 0:
                 data = data[sent:]
         view = memoryview(data)
-        if self._tls and (self._records is not None or (records is not None and len(records) > 1)):
-            self._records = collections.deque(records) if records is not None and len(records) > 1 else None
+        if self._tls:
+            pieces = collections.deque(records) if records is not None and len(records) > 1 else None
+            if pieces is not None or self._records is not None:  # else the class default stays
+                self._records = pieces
         if defer:
             while view:
                 sent = self._send_some(view)
