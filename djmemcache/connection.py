@@ -641,12 +641,16 @@ class Connection:
         yet (the connection is fine), or the end of the connection, and
         then the first error was real (the kernel reports a socket's error
         once, so the second read finds only the end): raise that one.
+        Under gevent not through its socket: its ``recv`` waits in the hub
+        for bytes, with no deadline (our waits bound its timeout-less
+        socket), where this look must not wait at all; gevent keeps the
+        descriptor non-blocking, so a plain ``read`` of it does not.
         """
         sock = self.sock
         if sock is None:  # closed meanwhile: the error stands
             raise self._socket_error(err)
         try:
-            data = sock.recv(size, _RECV_NOW_FLAGS)
+            data = os.read(self._fd, size) if self._green else sock.recv(size, _RECV_NOW_FLAGS)
         except BlockingIOError:
             return None
         if not data:

@@ -161,6 +161,23 @@ def test_under_gevent_a_silent_or_dribbling_server_costs_at_most_about_two_timeo
     assert sum(durations[1:]) < TIMEOUT
 
 
+def test_under_gevent_a_misread_errno_on_a_hung_server_still_costs_one_timeout(memcached_factory):
+    import errno
+
+    server = memcached_factory()
+    server.pause()
+    seen = _scenario("timed_calls", server.location, {"TIMEOUT": TIMEOUT}, calls=2,
+                     errno_clobbered_to=errno.ECONNRESET, timeout=20)
+    durations = [d for d, _, _ in seen["calls"]]
+    print("\nDEPLOY gevent, errno misread on a hung server: calls %s s" % " ".join("%.3f" % d for d in durations))
+    # The second look at the socket finds nothing yet and must not wait for it
+    # in gevent's recv, which has no deadline: the call's own wait ends it.
+    assert [outcome for _, outcome, _ in seen["calls"]] == ["miss", "miss"]
+    assert durations[0] < 2 * TIMEOUT
+    assert seen["calls"][0][2] >= 5
+    assert seen["status"][0]["state"] == "blacklisted"
+
+
 def test_a_hung_server_is_blacklisted_under_gevent_exactly_as_on_threads(memcached_factory):
     server = memcached_factory()
     server.pause()
