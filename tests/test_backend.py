@@ -1,6 +1,7 @@
 """Django's cache semantics against real memcached, and the process-wide pool."""
 
 import asyncio
+import contextvars
 import os
 import pickle
 import threading
@@ -275,6 +276,38 @@ def test_async_api(make_cache, mc1):
         assert await cache.aget("d") is None
 
     asyncio.run(main())
+
+
+TENANT = contextvars.ContextVar("tenant", default="public")
+
+
+def tenant_key(key, key_prefix, version):
+    return "%s:%s:%s:%s" % (TENANT.get(), key_prefix, version, key)
+
+
+def test_async_calls_see_the_callers_context_variables(make_cache, mc1):
+    from django.utils import translation
+
+    cache = make_cache(mc1.location, KEY_FUNCTION=tenant_key)
+
+    async def as_tenant(tenant, call):
+        token = TENANT.set(tenant)
+        try:
+            return await call()
+        finally:
+            TENANT.reset(token)
+
+    async def main():
+        await as_tenant("acme", lambda: cache.aset("profile", "acme-secret"))
+        assert await as_tenant("evil", lambda: cache.aget("profile")) is None
+        assert await as_tenant("acme", lambda: cache.aget("profile")) == "acme-secret"
+        assert await as_tenant("acme", lambda: cache.aget_many(["profile"])) == {"profile": "acme-secret"}
+        with translation.override("fr"):
+            return await cache.aget_or_set("language", translation.get_language)
+
+    assert asyncio.run(main()) == "fr"
+    assert cache.get("language") == "fr"
+    assert cache.get("profile") is None  # the "public" tenant's key
 
 
 def test_backend_is_a_django_memcached_backend():
