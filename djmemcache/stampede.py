@@ -59,7 +59,13 @@ MIN_LOCK_TTL = 2
 #: memcached reads a relative expiry only up to 30 days; beyond is a Unix time.
 RELATIVE_EXPIRY_MAX = 60 * 60 * 24 * 30
 
-_tokens = itertools.count(1)
+_token_numbers = itertools.count(1)
+#: token: thread, of the locks this process's get_or_set calls may hold, for
+#: every Guard: with USE_POOLING off each thread has a Client and a Guard of
+#: its own (and two aliases of one cache have two), and a Guard must not take
+#: a live lock of this process that another Guard took for abandoned.
+_takers = {}
+_token_prefix = b"%d." % os.getpid()
 _guards = weakref.WeakKeyDictionary()
 _guards_lock = threading.Lock()
 
@@ -77,13 +83,13 @@ def _forget_flights_after_fork():
     """A forked child (gunicorn --preload) has none of its parent's threads:
     a flight it inherited would never land, and a lock held at the fork
     would never be released."""
-    global _guards_lock
+    global _guards_lock, _token_prefix
     _guards_lock = threading.Lock()
+    _takers.clear()  # the parent's locks are its own to release
+    _token_prefix = b"%d." % os.getpid()
     for guard in list(_guards.values()):
         guard._flights = {}
         guard._flights_lock = threading.Lock()
-        guard._tokens = {}  # the parent's locks are its own to release
-        guard._token_prefix = b"%d." % os.getpid()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
@@ -137,8 +143,6 @@ class Guard:
         self._flights_lock = threading.Lock()
         self._no_meta = set()  # indexes of servers seen not to speak meta commands
         self._meta_ok = set()  # indexes of servers that answered one
-        self._tokens = {}  # token: thread, of the locks this process's get_or_set calls may hold
-        self._token_prefix = b"%d." % os.getpid()
 
     def get_or_set(self, key, default, timeout, backend_timeout):
         """Django's ``get_or_set`` for a made and validated ``key`` and a
@@ -368,9 +372,9 @@ class Guard:
         after the winner has stored the value and released the lock: without
         this look, it would take the lock and compute the value again."""
         # Unique, so that an add cut short (by a signal) can tell its own lock.
-        claim.token = b"%d.%d" % (os.getpid(), next(_tokens))  # pid first, for whoever looks
+        claim.token = _token_prefix + b"%d" % next(_token_numbers)  # pid first, for whoever looks
         claim.at = time.monotonic()
-        self._tokens[claim.token] = threading.current_thread()
+        _takers[claim.token] = threading.current_thread()
         claim.held = None  # from here on, it may be stored and the answer not known
         try:
             if key is None:
@@ -408,7 +412,7 @@ class Guard:
             # The lock expires by itself; the value is what matters.
             logger.debug("get_or_set could not delete lock %r: %s", claim.lock, exc)
         finally:
-            self._tokens.pop(claim.token, None)
+            _takers.pop(claim.token, None)
 
     def _abandoned(self, token):
         """True for a lock this process took and no longer holds, because
@@ -416,13 +420,13 @@ class Guard:
         until it expires. Its taker is off the books, or is the calling
         thread (polling, so not computing), or has ended. Another process's
         lock, or one in use here, is not abandoned."""
-        if not token.startswith(self._token_prefix):
+        if not token.startswith(_token_prefix):
             return False
-        taker = self._tokens.get(token)
+        taker = _takers.get(token)
         if taker is None:
             return True
         if taker is threading.current_thread() or not taker.is_alive():
-            self._tokens.pop(token, None)
+            _takers.pop(token, None)
             return True
         return False
 

@@ -142,6 +142,19 @@ def test_threads_of_one_process_share_one_poller(mc1, make_cache):
     assert mc1.stats()["cmd_get"] - before <= 30 + 2 + 29
 
 
+@pytest.mark.parametrize("options", [{"USE_POOLING": False}, {}], ids=["pooling off", "two aliases"])
+def test_threads_with_backends_of_their_own_compute_once(mc1, make_cache, options):
+    """Django builds a backend per thread: with USE_POOLING off each has a
+    Client (and a Guard) of its own, as have two aliases of one cache whose
+    OPTIONS differ. None may take another's live lock for abandoned."""
+    computations, default = counted("v")
+    caches = [make_cache(mc1.location, dict(options, POOL_TIMEOUT=1 + n % 2)) for n in range(20)]
+    seen = []
+    assert run_threads(20, lambda n: seen.append(caches[n].get_or_set("k", default))) == []
+    assert seen == ["v"] * 20
+    assert len(computations) == 1
+
+
 # -- a winner that fails ------------------------------------------------------
 
 def test_winner_that_raises_hands_over_to_the_next_caller_at_once(mc1):
