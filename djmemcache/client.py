@@ -773,11 +773,14 @@ class Client:
                 _warn_unreadable(key, exc)
         return found
 
-    def _store(self, command, key, value, expire, retry):
+    def _store(self, command, key, value, expire, retry, why=False):
+        """True when stored; with ``why``, None when stored, else why not:
+        "too large" (MAX_VALUE_SIZE), memcached's reply ("NOT_STORED",
+        "SERVER_ERROR ..."), or "failed" (the server failed, IGNORE_EXC)."""
         check_expire(expire)
         item = self._item(key, value)
         if item is None:
-            return False
+            return "too large" if why else False
         try:
             live, next_probe = self.blacklist.state
             if (store_placed is not None and self._placed_get and next_probe is None and live
@@ -799,14 +802,19 @@ class Client:
                                     command, key, item, expire, retry=retry)
         except DjmemcacheError as exc:
             self._unsure(exc, (key,))
-            return self._failed(exc, command.decode(), False)
-        return reason is None or self._stored(command.decode(), key, reason)
+            return self._failed(exc, command.decode(), "failed" if why else False)
+        stored = reason is None or self._stored(command.decode(), key, reason)
+        return reason if why else stored
 
     def set(self, key, value, expire):
         return self._store(b"set", key, value, expire, True)
 
     def add(self, key, value, expire):
         return self._store(b"add", key, value, expire, False)
+
+    def store_why(self, command, key, value, expire):
+        """``add`` (or ``set``) saying why a value was not stored: see ``_store``."""
+        return self._store(command, key, value, expire, command == b"set", why=True)
 
     def set_many(self, mapping, expire):
         """Store every item; return the keys that were not stored."""

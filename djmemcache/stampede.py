@@ -454,21 +454,24 @@ class Guard:
         Unlike Django, an unreadable item (another client's flags, a rotated
         SIGNING_KEY) is replaced with ``set``: ``add`` never would, and every
         call would compute again, one process after another behind the lock.
-        A value that could not be stored is noted on ``claim``.
+        A value memcached would not keep (too large, out of memory) is
+        noted on ``claim``; a server that failed is not such word: the
+        others would compute at once for the lock's whole lifetime, long
+        after the server is back.
         """
         value = default()
         client = self.client
-        if client.add(key, value, expire):
+        refused = client.store_why(b"add", key, value, expire)
+        if refused is None:
             stored = client.get(key)
             return value if stored is MISS else stored
         stored = client.get_or_unreadable(key)
         if stored is UNREADABLE:
-            if client.set(key, value, expire):
+            refused = client.store_why(b"set", key, value, expire)
+            if refused is None:
                 return value
             client.delete(key)  # as Django's set: nothing stale after a failed set
             stored = MISS
-        if stored is MISS and claim is not None:
-            # Too large, refused, or the server failing (IGNORE_EXC); or, rarely,
-            # deleted since the add: either way, nothing for the others to wait for.
+        if stored is MISS and claim is not None and (refused == "too large" or refused.startswith("SERVER_ERROR")):
             claim.unstorable = True
         return value if stored is MISS else stored

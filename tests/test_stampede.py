@@ -396,6 +396,37 @@ def test_value_too_large_to_store_is_computed_at_once_by_the_others(mc1, make_ca
     assert stampede.UNSTORABLE in lock
 
 
+def test_a_server_that_stalls_mid_computation_leaves_no_word_that_values_cannot_be_stored(
+        memcached_factory, make_cache):
+    """The winner's add fails because its server stalled (SIGSTOP), not
+    because memcached refused the value: once the server is back, the next
+    crowd computes once, not once per process for the lock's lifetime."""
+    server = memcached_factory()
+    options = {"TIMEOUT": 0.5, "STAMPEDE_WAIT": 30}
+    computations = FORK.Value("i", 0)
+
+    def slow():
+        with computations.get_lock():
+            computations.value += 1
+        time.sleep(1)
+        return "v"
+
+    fault = [threading.Timer(0.8, server.pause), threading.Timer(2.3, server.resume)]
+    for timer in fault:  # crowd() starts its callers at 0.5 s
+        timer.start()
+    _, seen = crowd(server.location, options, "k", processes=4, threads=5, compute=slow)
+    for timer in fault:
+        timer.join()
+    assert {value for _latency, value in seen} == {"v"}
+    lock = raw_command(server.location, b"get :1:k" + stampede.LOCK_SUFFIX.encode() + b"\r\n")
+    assert stampede.UNSTORABLE not in lock
+    make_cache(server.location).delete("k")
+    computations.value = 0
+    _, seen = crowd(server.location, options, "k", processes=4, threads=5, compute=slow)
+    assert {value for _latency, value in seen} == {"v"}
+    assert computations.value == 1
+
+
 # -- Django's semantics, and what is stored -------------------------------------
 
 def test_values_keep_djangos_flags_both_ways(mc1, make_cache):
