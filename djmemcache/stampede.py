@@ -34,6 +34,7 @@ import itertools
 import logging
 import math
 import os
+import pickle
 import threading
 import time
 import weakref
@@ -94,6 +95,20 @@ def _forget_flights_after_fork():
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_forget_flights_after_fork)
+
+
+def _copy_of(value):
+    """What a read from the cache would give of ``value``, or MISS when it
+    does not pickle (then no cache could hold it)."""
+    if type(value) in _IMMUTABLE:
+        return value
+    try:
+        return pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+    except Exception:  # noqa: BLE001 - whatever pickling a user's object raises
+        return MISS
+
+
+_IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None)))
 
 
 class _Claim:
@@ -300,7 +315,10 @@ class Guard:
                 # A copy of its own, as Django's get_or_set gives every caller:
                 # one thread mutating the value must not change another's.
                 value = self.client.get(key)
-                return flight.value if value is MISS else value
+                if value is not MISS:
+                    return value
+                value = _copy_of(flight.value)  # not stored (too large, a failure)
+                return self._as_django(key, default, expire) if value is MISS else value
             # The leader raised: its lock is gone, and this thread may take it.
 
     def _forget(self, key, flight):

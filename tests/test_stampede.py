@@ -475,6 +475,16 @@ def test_threads_waiting_in_process_get_a_copy_of_their_own(mc1, make_cache):
     assert len({id(value) for value in seen}) == 5
 
 
+def test_threads_waiting_in_process_get_a_copy_of_their_own_of_a_value_too_large_to_store(mc1, make_cache):
+    cache = make_cache(mc1.location)
+    computations, default = counted(["x" * (2 * 1024 * 1024)])
+    seen = []
+    assert run_threads(5, lambda _: seen.append(cache.get_or_set("k", default))) == []
+    assert len(computations) == 1 and seen == [["x" * (2 * 1024 * 1024)]] * 5
+    assert len({id(value) for value in seen}) == 5
+    assert cache.get("k") is None
+
+
 def test_child_forked_during_a_computation_does_not_wait_for_its_parents_threads(mc1, make_cache):
     cache = make_cache(mc1.location, {"STAMPEDE_WAIT": 10})
     computing = threading.Event()
