@@ -116,7 +116,8 @@ def _seconds(name, value, minimum=0.0, maximum=MAX_SECONDS, allow_none=False):
     """
     if value is None and allow_none:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # An int is finite (and math.isfinite would overflow on one past a float's range).
+    ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
     if not ok or not minimum <= value <= maximum:
         expected = "a number of seconds from %g to %g" % (minimum, maximum)
         raise _bad(name, value, expected + (" or None" if allow_none else ""))
@@ -233,6 +234,8 @@ def parse_options(location, options=None, clock=None):
             if not isinstance(value, (str, bytes)) or not value:
                 raise _bad(name, value, "a non-empty str or bytes secret")
         elif name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if isinstance(value, os.PathLike):  # settings write BASE_DIR / "ca.pem"
+                value = os.fspath(value)
             if not isinstance(value, str) or not os.path.isfile(value):
                 raise _bad(name, value, "the path of a readable PEM file")
         elif name == "tls_context":

@@ -99,6 +99,8 @@ def test_bad_location_is_named(location, message):
     ("KEY_PREFIX", b"has space"),
     ("KEY_PREFIX", "x" * 245),
     ("POOL_IDLE_TIMEOUT", -1),
+    ("TIMEOUT", 10 ** 400),  # past a float's range
+    ("STAMPEDE_WAIT", 10 ** 400),
 ])
 def test_bad_value_error_names_the_option(name, value):
     with pytest.raises(ImproperlyConfigured) as info:
@@ -139,6 +141,7 @@ def test_tls_options_imply_tls_and_reject_unix_sockets(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked here")
     assert parse_options("a:1", {"TLS_CA_FILE": str(ca)}).tls is True
+    assert parse_options("a:1", {"TLS_CA_FILE": ca}).tls_ca_file == str(ca)  # settings write BASE_DIR / "ca.pem"
     with pytest.raises(ImproperlyConfigured, match="unix"):
         parse_options("unix:/tmp/x.sock", {"TLS": True})
     with pytest.raises(ImproperlyConfigured, match="TLS_CA_FILE"):
