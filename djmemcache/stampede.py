@@ -134,6 +134,7 @@ class _Flight:
         self.done = threading.Event()
         self.ok = False
         self.value = None
+        self.error = None  # the Exception its computation raised
         self.leader = threading.current_thread()
 
     def orphaned(self):
@@ -287,8 +288,16 @@ class Guard:
         thread (it is here, so not computing) or a dead thread is replaced at
         once, and any other waits at most STAMPEDE_WAIT, once: the first
         waiter to give up on it drops it.
+
+        A leader that raised hands over to one waiter, which computes again
+        (the failure may have been passing); should that raise too, the
+        threads that waited for both raise its exception, as the callers of
+        a ``concurrent.futures.Future`` do: a computation that keeps failing
+        (a database that is down) costs them two computations, not
+        STAMPEDE_WAIT of turns, one after another, and then all at once.
         """
         deadline = time.monotonic() + self.wait
+        failed = 0  # flights seen to raise
         while True:
             mine = _Flight()
             flight = None
@@ -301,7 +310,11 @@ class Guard:
                         if orphan is not None:
                             orphan.done.set()  # its waiters: to this flight
                 if flight is mine:
-                    mine.value = self._compute_once(key, default, expire, deadline)
+                    try:
+                        mine.value = self._compute_once(key, default, expire, deadline)
+                    except Exception as exc:
+                        mine.error = exc
+                        raise
                     mine.ok = True
                     return mine.value
             finally:
@@ -319,7 +332,11 @@ class Guard:
                     return value
                 value = _copy_of(flight.value)  # not stored (too large, a failure)
                 return self._as_django(key, default, expire) if value is MISS else value
-            # The leader raised: its lock is gone, and this thread may take it.
+            # The leader raised (or left): its lock is gone, and this thread may take it.
+            if flight.error is not None:
+                failed += 1
+                if failed == 2:
+                    raise flight.error
 
     def _forget(self, key, flight):
         """Take ``flight`` off the books, unless another has replaced it."""

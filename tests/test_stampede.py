@@ -180,6 +180,34 @@ def test_winner_that_raises_hands_over_to_the_next_caller_at_once(mc1):
     assert elapsed < 0.5 + 5  # far from STAMPEDE_WAIT (10 s): the lock was deleted
 
 
+def test_a_computation_that_keeps_raising_costs_the_waiters_two_computations_not_stampede_wait(
+        mc1, make_cache):
+    """The database is down: the winner raises, one waiter tries again and
+    raises too, and the others raise that exception, at once."""
+    cache = make_cache(mc1.location, {"STAMPEDE_WAIT": 10})
+    attempts = []
+
+    def failing():
+        attempts.append(1)
+        time.sleep(COMPUTE_SECONDS)
+        raise RuntimeError("database gone")
+
+    seen = []
+
+    def call(_):
+        started = time.monotonic()
+        try:
+            cache.get_or_set("down", failing)
+        except RuntimeError as exc:
+            seen.append((time.monotonic() - started, str(exc)))
+
+    assert run_threads(30, call) == []
+    assert [message for _latency, message in seen] == ["database gone"] * 30
+    assert len(attempts) == 2
+    assert max(latency for latency, _message in seen) < 2 * COMPUTE_SECONDS + 1.0  # not STAMPEDE_WAIT (10 s)
+    assert cache.get("down" + stampede.LOCK_SUFFIX) is None  # no lock left behind
+
+
 def _hang_holding_the_lock(location, options, key, ready):
     from djmemcache.backend import PyMemcacheCache
 
