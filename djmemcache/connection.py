@@ -535,10 +535,17 @@ class Connection:
             return
         if deadline is None:
             deadline = self.deadline()
+        late = False
         while view:
             sent = self._send_some(view)
             if sent is None:
+                if late:
+                    # poll said ready past the deadline and the send took nothing
+                    # (gevent's TLS send hides a read the same way): no late look
+                    # again, or this would spin on for as long as that lasts.
+                    raise IOTimeout("timed out")
                 _wait(self.sock, self.unsent_event, deadline, self._green)
+                late = deadline is not None and _monotonic() >= deadline
                 continue
             view = view[sent:]
 
@@ -610,14 +617,17 @@ class Connection:
                 if err != errno.EINTR:
                     _wait(sock, select.POLLIN, deadline, self._green, self._poller)
         elif self._tls:
+            late = False
             while True:
                 try:
                     data = sock.recv(size)
                     break
-                except ssl.SSLWantReadError:
-                    _wait(sock, select.POLLIN, deadline, self._green)
-                except ssl.SSLWantWriteError:
-                    _wait(sock, select.POLLOUT, deadline, self._green)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as want:
+                    if late:  # as in _send: ready past the deadline, and still no data
+                        raise IOTimeout("timed out") from None
+                    event = select.POLLIN if isinstance(want, ssl.SSLWantReadError) else select.POLLOUT
+                    _wait(sock, event, deadline, self._green)
+                    late = deadline is not None and _monotonic() >= deadline
         else:
             _wait(sock, select.POLLIN, deadline, self._green)
             data = sock.recv(size)

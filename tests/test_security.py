@@ -204,6 +204,40 @@ def test_tls_call_to_a_stopped_server_ends_within_timeout(make_cache, memcached_
     assert cache.stats()[0]["state"] == "blacklisted"
 
 
+class _StuckTLS:
+    """A TLS socket whose layer stops moving one way (a renegotiation it
+    hides, say) while poll says ready: each send takes nothing, as gevent's
+    returns 0 for a write that must read first, or each read of the reply
+    wants another read."""
+
+    def __init__(self, sock, stuck):
+        self._sock, self._stuck = sock, stuck
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def send(self, data, flags=0):
+        return 0 if self._stuck == "send" else self._sock.send(data, flags)
+
+    def recv(self, size, flags=0):
+        raise ssl.SSLWantReadError("wants a read")
+
+
+@pytest.mark.parametrize("stuck", ["send", "recv"])
+def test_tls_call_whose_layer_stops_moving_ends_at_timeout_not_spinning_past_it(
+        make_cache, memcached_factory, tls_files, stuck):
+    server = _tls_server(memcached_factory, tls_files)
+    cache = make_cache(server.location, {"TLS_CA_FILE": tls_files["ca"], "TIMEOUT": 0.5, "IGNORE_EXC": False})
+    cache.set("k", "v")
+    conn = cache.client.pools[0]._idle[-1]
+    conn.sock = _StuckTLS(conn.sock, stuck)
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="timed out"):
+        cache.set("k", "w")
+    assert time.monotonic() - started < 1.0
+    assert cache.stats()[0]["in_use"] == 0
+
+
 def test_tls_handshake_with_a_silent_server_ends_within_connect_timeout(make_cache, tls_files):
     with socket.socket() as listener:  # accepts TCP connections (backlog), never speaks TLS
         listener.bind(("127.0.0.1", 0))
