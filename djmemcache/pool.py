@@ -238,6 +238,7 @@ class HostPool:
 
     def _connect(self, conn):
         conn.connect()
+        conn.reused = False  # (again, for one made anew in _refresh) a retry cannot help it
         conn.pid = self._pid
         with self._lock:
             if conn.member_ref in self._members:

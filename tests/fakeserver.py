@@ -77,6 +77,16 @@ class FakeMemcached:
         with self._lock:
             self._doomed |= self._live
 
+    def close_existing_now(self):
+        """Close each connection open now, at once, as a server that restarts does."""
+        with self._lock:
+            live = list(self._live)
+        for conn in live:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def stop_listening(self):
         """Refuse new connections (a restarting proxy); open ones are still served."""
         try:

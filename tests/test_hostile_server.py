@@ -597,6 +597,23 @@ def test_the_fake_server_speaks_enough_memcached_for_a_normal_call(make_cache, f
     assert (status["in_use"], status["idle"], fake_memcached.accepted) == (0, 1, 1)
 
 
+def test_a_connection_made_again_for_a_closed_pooled_one_is_not_retried_when_it_is_closed_too(
+        make_cache, fake_memcached):
+    """The server closed the pooled connection while it was idle (a restart):
+    acquire connects anew, and that brand-new connection is no reused one
+    whose closing a retry could help: the server closing it too costs one
+    connect and one command, not two of each."""
+    cache = _cache(make_cache, fake_memcached, False)
+    assert cache.get("k") is None
+    fake_memcached.close_existing_now()
+    time.sleep(0.1)
+    fake_memcached.reply(CLOSE)
+    with pytest.raises(ServerError):
+        cache.get("k")
+    assert fake_memcached.accepted == 2
+    assert cache.stats()[0]["in_use"] == 0
+
+
 def test_a_hostile_server_costs_only_its_own_keys_in_a_pipeline(make_cache, mc1, fake_memcached, ignore_exc):
     # One real server and one that answers garbage: set_many and get_many
     # still serve the real server's keys, and its connection goes back to the pool.
