@@ -17,6 +17,7 @@ import os
 import random
 import threading
 import time
+from functools import partial
 
 from djmemcache.connection import (
     BLOCKING_READ_MIN_TIMEOUT,
@@ -82,6 +83,10 @@ PROBE_TIMEOUT = 5.0
 CLOSING_ROUNDS = 50
 
 
+def _banned(blacklist, index):
+    return index not in blacklist.live
+
+
 def fault_kind(exc):
     """What kind of server fault ``exc`` is, or None when it is not one.
 
@@ -124,6 +129,8 @@ class Client:
         self.tls = tls_context_for(options)
         self.pools = tuple(HostPool(s, options, connection_class, self.tls) for s in self.servers)
         self.blacklist = Blacklist(self.servers, options.blacklist_time, clock)
+        for index, pool in enumerate(self.pools):
+            pool.banned = partial(_banned, self.blacklist, index)
         self._everyone = tuple(range(len(self.servers)))
         self._index_of = {str(server): index for index, server in enumerate(self.servers)}
         self.rendezvous = Rendezvous([s.node for s in self.servers])

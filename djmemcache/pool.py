@@ -28,7 +28,7 @@ import time
 import weakref
 
 from djmemcache.connection import Connection, _load_speedups
-from djmemcache.exceptions import PoolTimeout
+from djmemcache.exceptions import NoServerAvailable, PoolTimeout
 
 logger = logging.getLogger("djmemcache.pool")
 
@@ -72,6 +72,11 @@ class HostPool:
     """
 
     connection_class = Connection
+
+    @staticmethod
+    def banned():
+        """Whether this pool's server is blacklisted now (its Client sets one that knows)."""
+        return False
 
     def __init__(self, server, options, connection_class=None, tls_context=None):
         self.server = server
@@ -128,6 +133,14 @@ class HostPool:
                     conn = self._take()
             if conn is None:
                 conn = self._wait_for_slot()
+                if self.banned():
+                    # Banned while this call waited (by the call whose slot it
+                    # got, on a timeout, say): it would wait TIMEOUT again, and
+                    # each waiter after it in turn.
+                    waited, conn = conn, None
+                    self.release(waited) if waited.sock is not None else self.discard(waited)
+                    raise NoServerAvailable("memcached server %s was blacklisted while this call waited "
+                                            "for a connection" % self.server, server=str(self.server))
             # A connection used less than STALE_CHECK_AFTER ago cannot have missed
             # a server restart (that takes longer); skipping the check keeps a
             # syscall, and a GIL hand-off, off the busiest path.

@@ -129,6 +129,38 @@ def test_connection_that_timed_out_is_never_reused(make_cache, memcached_factory
         assert cache.get("first") == "first-value"
 
 
+@pytest.mark.parametrize("ignore_exc", [True, False])
+def test_callers_waiting_for_a_slot_on_a_server_banned_meanwhile_do_not_wait_timeout_each(
+        make_cache, memcached_factory, ignore_exc):
+    """MAX_POOL_SIZE 1 and a hung server: the call holding the slot times out
+    and bans the server; the five waiting for its slot give up at once,
+    instead of each taking the slot and waiting TIMEOUT in turn."""
+    server = memcached_factory()
+    cache = make_cache(server.location, {"TIMEOUT": 0.5, "MAX_POOL_SIZE": 1, "POOL_TIMEOUT": 5,
+                                         "IGNORE_EXC": ignore_exc})
+    cache.set("k", "v")
+    server.pause()
+    seen = []
+
+    def call(_):
+        started = time.monotonic()
+        try:
+            outcome = cache.get("k")
+        except ServerError as exc:
+            outcome = type(exc).__name__
+        seen.append((time.monotonic() - started, outcome))
+
+    try:
+        assert run_threads(6, call) == []
+    finally:
+        server.resume()
+    assert max(latency for latency, _outcome in seen) < 1.2  # TIMEOUT 0.5; one after another: 3 s
+    expected = {None} if ignore_exc else {"ServerError", "NoServerAvailable"}
+    assert {outcome for _latency, outcome in seen} <= expected
+    status = cache.stats()[0]
+    assert status["state"] == "blacklisted" and status["in_use"] == 0
+
+
 def test_idle_connection_closed_by_server_restart_costs_the_caller_nothing(make_cache, memcached_factory):
     server = memcached_factory()
     cache = make_cache(server.location, {"TIMEOUT": 1, "IGNORE_EXC": False})
