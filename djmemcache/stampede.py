@@ -29,6 +29,7 @@ read with a plain ``get`` from then on; DISTRIBUTION="random" means proxies,
 so it never tries there.
 """
 
+import copy
 import hashlib
 import itertools
 import logging
@@ -109,6 +110,16 @@ def _copy_of(value):
 
 
 _IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None)))
+
+
+def _copy_of_error(exc):
+    """An exception of the same type and arguments as ``exc`` (``exc`` itself
+    when its type cannot be built again from them)."""
+    try:
+        error = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - a user's exception type, built its own way
+        return exc
+    return error if type(error) is type(exc) else exc
 
 
 class _Claim:
@@ -291,10 +302,13 @@ class Guard:
 
         A leader that raised hands over to one waiter, which computes again
         (the failure may have been passing); should that raise too, the
-        threads that waited for both raise its exception, as the callers of
-        a ``concurrent.futures.Future`` do: a computation that keeps failing
-        (a database that is down) costs them two computations, not
-        STAMPEDE_WAIT of turns, one after another, and then all at once.
+        threads that waited for both raise its exception (a copy each), as
+        the callers of a ``concurrent.futures.Future`` do: a computation
+        that keeps failing (a database that is down) costs them two
+        computations, not STAMPEDE_WAIT of turns, one after another, and
+        then all at once. Only threads that share this Guard wait here: with
+        USE_POOLING off each thread has its own and polls the lock, as other
+        processes do, taking its turn.
         """
         deadline = time.monotonic() + self.wait
         failed = 0  # flights seen to raise
@@ -336,7 +350,13 @@ class Guard:
             if flight.error is not None:
                 failed += 1
                 if failed == 2:
-                    raise flight.error
+                    # A copy for each waiter, chained to the original: re-raised
+                    # as it is, it would gather every waiter's frames (and their
+                    # locals) in one traceback.
+                    error = _copy_of_error(flight.error)
+                    if error is flight.error:
+                        raise error
+                    raise error from flight.error
 
     def _forget(self, key, flight):
         """Take ``flight`` off the books, unless another has replaced it."""
@@ -407,6 +427,8 @@ class Guard:
         after the winner has stored the value and released the lock: without
         this look, it would take the lock and compute the value again."""
         # Unique, so that an add cut short (by a signal) can tell its own lock.
+        if claim.token is not None:  # an earlier try's, not held: off the books
+            _takers.pop(claim.token, None)
         claim.token = _token_prefix + b"%d" % next(_token_numbers)  # pid first, for whoever looks
         claim.at = time.monotonic()
         _takers[claim.token] = threading.current_thread()

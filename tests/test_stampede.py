@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 import time
+import traceback
 
 import pytest
 from django.core.cache.backends.memcached import PyMemcacheCache as DjangosPyMemcacheCache
@@ -156,6 +157,24 @@ def test_threads_with_backends_of_their_own_compute_once(mc1, make_cache, option
     assert len(computations) == 1
 
 
+def test_callers_that_took_the_lock_in_turn_leave_no_token_on_the_books(mc1, make_cache):
+    """Each thread with a Guard of its own (USE_POOLING off) polls the lock and
+    takes it in turn as computations fail: every token it made is dropped."""
+    caches = [make_cache(mc1.location, {"USE_POOLING": False, "STAMPEDE_WAIT": 10}) for _ in range(10)]
+
+    def failing():
+        time.sleep(0.02)
+        raise RuntimeError("database gone")
+
+    def call(n):
+        with pytest.raises(RuntimeError):
+            caches[n].get_or_set("down", failing)
+
+    before = set(stampede._takers)  # what earlier tests' cut-short calls left
+    assert run_threads(10, call) == []
+    assert set(stampede._takers) <= before
+
+
 # -- a winner that fails ------------------------------------------------------
 
 def test_winner_that_raises_hands_over_to_the_next_caller_at_once(mc1):
@@ -193,7 +212,7 @@ def test_a_computation_that_keeps_raising_costs_the_waiters_two_computations_not
         time.sleep(COMPUTE_SECONDS)
         raise RuntimeError("database gone")
 
-    seen = []
+    seen, errors = [], []
 
     def call(_):
         started = time.monotonic()
@@ -201,10 +220,15 @@ def test_a_computation_that_keeps_raising_costs_the_waiters_two_computations_not
             cache.get_or_set("down", failing)
         except RuntimeError as exc:
             seen.append((time.monotonic() - started, str(exc)))
+            errors.append(exc)
 
     assert run_threads(30, call) == []
     assert [message for _latency, message in seen] == ["database gone"] * 30
     assert len(attempts) == 2
+    # Each waiter raised a copy: one shared exception would gather every
+    # waiter's frames (and their locals) in one traceback.
+    assert len({id(exc) for exc in errors}) == 30
+    assert max(len(traceback.extract_tb(exc.__traceback__)) for exc in errors) < 20
     assert max(latency for latency, _message in seen) < 2 * COMPUTE_SECONDS + 1.0  # not STAMPEDE_WAIT (10 s)
     assert cache.get("down" + stampede.LOCK_SUFFIX) is None  # no lock left behind
 
