@@ -161,6 +161,33 @@ def test_callers_waiting_for_a_slot_on_a_server_banned_meanwhile_do_not_wait_tim
     assert status["state"] == "blacklisted" and status["in_use"] == 0
 
 
+def test_in_random_distribution_callers_waiting_on_a_server_banned_meanwhile_go_to_another(
+        make_cache, memcached_factory):
+    """Any live server serves any key (a fleet of proxies): a caller whose
+    pool wait ended with its server banned goes to another server."""
+    hung, healthy = memcached_factory(), memcached_factory()
+    cache = make_cache("%s;%s" % (hung.location, healthy.location),
+                       {"TIMEOUT": 0.5, "MAX_POOL_SIZE": 1, "POOL_TIMEOUT": 5, "IGNORE_EXC": False,
+                        "DISTRIBUTION": "random"})
+    hung.pause()
+    outcomes = []
+
+    def call(_):
+        try:
+            outcomes.append(cache.get("k"))
+        except ServerError as exc:
+            outcomes.append(type(exc).__name__)
+
+    try:
+        assert run_threads(12, call) == []
+    finally:
+        hung.resume()
+    assert "NoServerAvailable" not in outcomes  # a live server was there for each
+    # Timed out on the hung server: the call holding its slot, and at most one
+    # waiter handed the slot between that call's failure and the ban.
+    assert outcomes.count("ServerError") <= 2 and outcomes.count(None) == 12 - outcomes.count("ServerError")
+
+
 def test_idle_connection_closed_by_server_restart_costs_the_caller_nothing(make_cache, memcached_factory):
     server = memcached_factory()
     cache = make_cache(server.location, {"TIMEOUT": 1, "IGNORE_EXC": False})
