@@ -285,9 +285,14 @@ def tenant_key(key, key_prefix, version):
     return "%s:%s:%s:%s" % (TENANT.get(), key_prefix, version, key)
 
 
-def test_async_calls_see_the_callers_context_variables(make_cache, mc1):
+@pytest.mark.parametrize("way", ["asgiref's step", "sync_to_async"])
+def test_async_calls_see_the_callers_context_variables(make_cache, mc1, monkeypatch, way):
     from django.utils import translation
 
+    from djmemcache import backend
+
+    if way == "sync_to_async":  # an asgiref without the private step
+        monkeypatch.setattr(backend, "_restore_context", None)
     cache = make_cache(mc1.location, KEY_FUNCTION=tenant_key)
 
     async def as_tenant(tenant, call):
