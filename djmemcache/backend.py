@@ -6,8 +6,6 @@ come from Django's ``BaseMemcachedCache.get_backend_timeout`` (None: never
 expire, 0: expire now, more than 30 days: absolute time).
 """
 
-import asyncio
-import contextvars
 import math
 import re
 import threading
@@ -16,11 +14,6 @@ from functools import partial
 
 import pymemcache
 from asgiref.sync import sync_to_async
-
-try:  # asgiref's step that moves a copied context, Local data included, to a worker thread
-    from asgiref.sync import _restore_context
-except ImportError:  # pragma: no cover - a future asgiref
-    _restore_context = None
 from django.core.cache.backends.base import (
     DEFAULT_TIMEOUT,
     BaseCache,
@@ -97,33 +90,22 @@ class _Misconfigured:
         raise AssertionError("settings that failed to parse have parsed")  # pragma: no cover
 
 
-def _in_context(context, call):
-    _restore_context(context)
-    return call()
-
-
 def _async(name):
     """An ``a*`` method that runs the sync one in a worker thread.
 
     Django's defaults use ``sync_to_async(thread_sensitive=True)``, which
     funnels every cache call of the process through ONE thread. The pool is
     thread-safe, so here concurrent awaits run concurrently, in the event
-    loop's default executor, as ``sync_to_async(thread_sensitive=False)``
-    runs them: in a copy of the caller's context variables, with asgiref's
-    ``Local`` data moved to the worker thread (a ``KEY_FUNCTION`` may read a
-    tenant there, a ``get_or_set`` default the active language). Written
-    out with asgiref's own step for that move, ``_restore_context``, because
-    the whole of ``sync_to_async`` costs a fifth of the async row (``bench.py
-    --only async``, 5 rounds: 2,295 against 2,831 req/s); where that private
-    step is gone, ``sync_to_async`` itself (tests/test_backend.py runs both).
+    loop's default executor (``thread_sensitive=False``). Still through
+    ``sync_to_async``: it runs the call in the caller's context variables
+    and asgiref's ``Local`` objects (a ``KEY_FUNCTION`` may read a tenant there, a
+    ``get_or_set`` default the active language), where a plain
+    ``run_in_executor`` costing about 30 µs less per call ran them in none,
+    and a copied context alone shows a worker thread no ``Local`` data.
     """
 
     async def method(self, *args, **kwargs):
-        call = partial(getattr(self, name), *args, **kwargs)
-        if _restore_context is None:
-            return await sync_to_async(call, thread_sensitive=False)()
-        context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(None, context.run, _in_context, context, call)
+        return await sync_to_async(partial(getattr(self, name), *args, **kwargs), thread_sensitive=False)()
 
     method.__name__ = method.__qualname__ = "a" + name
     method.__doc__ = "Async version of ``%s``, run concurrently in a worker thread." % name

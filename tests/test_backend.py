@@ -285,14 +285,9 @@ def tenant_key(key, key_prefix, version):
     return "%s:%s:%s:%s" % (TENANT.get(), key_prefix, version, key)
 
 
-@pytest.mark.parametrize("way", ["asgiref's step", "sync_to_async"])
-def test_async_calls_see_the_callers_context_variables(make_cache, mc1, monkeypatch, way):
+def test_async_calls_see_the_callers_context_variables(make_cache, mc1):
     from django.utils import translation
 
-    from djmemcache import backend
-
-    if way == "sync_to_async":  # an asgiref without the private step
-        monkeypatch.setattr(backend, "_restore_context", None)
     cache = make_cache(mc1.location, KEY_FUNCTION=tenant_key)
 
     async def as_tenant(tenant, call):
@@ -313,6 +308,32 @@ def test_async_calls_see_the_callers_context_variables(make_cache, mc1, monkeypa
     assert asyncio.run(main()) == "fr"
     assert cache.get("language") == "fr"
     assert cache.get("profile") is None  # the "public" tenant's key
+
+
+def test_async_to_sync_inside_an_async_call_runs_on_the_callers_loop(make_cache, mc1):
+    """As under Django's own backends (sync_to_async): a KEY_FUNCTION or a
+    default that awaits through async_to_sync reaches the request's loop,
+    where its connections and events live, not a loop of its own."""
+    from asgiref.sync import async_to_sync
+
+    loops = []
+
+    async def where():
+        loops.append(asyncio.get_running_loop())
+
+    def key_function(key, key_prefix, version):
+        async_to_sync(where)()
+        return "%s:%s:%s" % (key_prefix, version, key)
+
+    cache = make_cache(mc1.location, KEY_FUNCTION=key_function)
+
+    async def main():
+        await cache.aset("k", "v")
+        assert await cache.aget("k") == "v"
+        return asyncio.get_running_loop()
+
+    caller = asyncio.run(main())
+    assert loops and all(loop is caller for loop in loops)
 
 
 def test_backend_is_a_django_memcached_backend():
