@@ -29,7 +29,6 @@ read with a plain ``get`` from then on; DISTRIBUTION="random" means proxies,
 so it never tries there.
 """
 
-import copy
 import hashlib
 import itertools
 import logging
@@ -113,13 +112,28 @@ _IMMUTABLE = frozenset((str, bytes, int, float, bool, type(None)))
 
 
 def _copy_of_error(exc):
-    """An exception of the same type and arguments as ``exc`` (``exc`` itself
-    when its type cannot be built again from them)."""
+    """An exception of the same type, arguments, attributes and cause as
+    ``exc``, built without running its ``__init__`` (which may want other
+    arguments than ``args``, reword them, or act); ``exc`` itself when even
+    that fails."""
+    cls = type(exc)
     try:
-        error = copy.copy(exc)
+        error = cls.__new__(cls, *exc.args)
+        error.__dict__.update(exc.__dict__)
+        for klass in cls.__mro__:
+            for name in getattr(klass, "__slots__", ()):
+                if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
+                    setattr(error, name, getattr(exc, name))
+        if isinstance(exc, OSError):  # kept outside args (a None filename set would show in str)
+            error.errno, error.strerror = exc.errno, exc.strerror
+            for name in ("filename", "filename2"):
+                if getattr(exc, name) is not None:
+                    setattr(error, name, getattr(exc, name))
     except Exception:  # noqa: BLE001 - a user's exception type, built its own way
         return exc
-    return error if type(error) is type(exc) else exc
+    error.__cause__, error.__context__ = exc.__cause__, exc.__context__
+    error.__suppress_context__ = exc.__suppress_context__
+    return error
 
 
 class _Claim:
@@ -353,10 +367,7 @@ class Guard:
                     # A copy for each waiter, chained to the original: re-raised
                     # as it is, it would gather every waiter's frames (and their
                     # locals) in one traceback.
-                    error = _copy_of_error(flight.error)
-                    if error is flight.error:
-                        raise error
-                    raise error from flight.error
+                    raise _copy_of_error(flight.error)
 
     def _forget(self, key, flight):
         """Take ``flight`` off the books, unless another has replaced it."""
