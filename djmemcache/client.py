@@ -434,13 +434,16 @@ class Client:
                         return candidate, conn
                 if index not in live:
                     index = random.choice(self._live())
-                try:
-                    return index, self._take(index)
-                except NoServerAvailable:  # banned while this call waited for its pool: another
-                    others = [i for i in self._live() if i != index]
-                    if not others:
-                        raise
-                    index = random.choice(others)
+                tried = set()
+                while True:
+                    try:
+                        return index, self._take(index)
+                    except NoServerAvailable:  # banned while this call waited for its pool: another
+                        tried.add(index)
+                        others = [i for i in self._live() if i not in tried]
+                        if not others:
+                            raise
+                        index = random.choice(others)
         return index, self._take(index, fresh)
 
     def _take(self, index, fresh=False):
