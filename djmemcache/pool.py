@@ -138,7 +138,10 @@ class HostPool:
                     # got, on a timeout, say): it would wait TIMEOUT again, and
                     # each waiter after it in turn.
                     waited, conn = conn, None
-                    self.release(waited) if waited.sock is not None else self.discard(waited)
+                    if waited.sock is None:  # a free slot, not connected: freed
+                        self.discard(waited)
+                    else:  # a connection another call gave back: to the next waiter
+                        self.release(waited)
                     raise NoServerAvailable("memcached server %s was blacklisted while this call waited "
                                             "for a connection" % self.server, server=str(self.server))
             # A connection used less than STALE_CHECK_AFTER ago cannot have missed
