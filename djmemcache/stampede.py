@@ -121,7 +121,8 @@ def _copy_of_error(exc):
         error = cls.__new__(cls, *exc.args)
         error.__dict__.update(exc.__dict__)
         for klass in cls.__mro__:
-            for name in getattr(klass, "__slots__", ()):
+            slots = getattr(klass, "__slots__", ())
+            for name in (slots,) if isinstance(slots, str) else slots:
                 if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
                     setattr(error, name, getattr(exc, name))
         if isinstance(exc, OSError):  # kept outside args (a None filename set would show in str)
@@ -364,9 +365,9 @@ class Guard:
             if flight.error is not None:
                 failed += 1
                 if failed == 2:
-                    # A copy for each waiter, chained to the original: re-raised
-                    # as it is, it would gather every waiter's frames (and their
-                    # locals) in one traceback.
+                    # A copy for each waiter: the original, re-raised as it is,
+                    # would gather every waiter's frames (and their locals) in
+                    # one traceback.
                     raise _copy_of_error(flight.error)
 
     def _forget(self, key, flight):
