@@ -790,14 +790,14 @@ class Client:
                 _warn_unreadable(key, exc)
         return found
 
-    def _store(self, command, key, value, expire, retry, why=False):
-        """True when stored; with ``why``, None when stored, else why not:
-        "too large" (MAX_VALUE_SIZE), memcached's reply ("NOT_STORED",
-        "SERVER_ERROR ..."), or "failed" (the server failed, IGNORE_EXC)."""
+    def _store(self, command, key, value, expire, retry):
+        """None when stored, else why not: "too large" (MAX_VALUE_SIZE),
+        memcached's reply ("NOT_STORED", "SERVER_ERROR ..."), or "failed"
+        (the server failed, IGNORE_EXC)."""
         check_expire(expire)
         item = self._item(key, value)
         if item is None:
-            return "too large" if why else False
+            return "too large"
         try:
             live, next_probe = self.blacklist.state
             if (store_placed is not None and self._placed_get and next_probe is None and live
@@ -819,19 +819,20 @@ class Client:
                                     command, key, item, expire, retry=retry)
         except DjmemcacheError as exc:
             self._unsure(exc, (key,))
-            return self._failed(exc, command.decode(), "failed" if why else False)
-        stored = reason is None or self._stored(command.decode(), key, reason)
-        return reason if why else stored
+            return self._failed(exc, command.decode(), "failed")
+        if reason is not None:
+            self._stored(command.decode(), key, reason)  # logs a refusal (SERVER_ERROR)
+        return reason
 
     def set(self, key, value, expire):
-        return self._store(b"set", key, value, expire, True)
+        return self._store(b"set", key, value, expire, True) is None
 
     def add(self, key, value, expire):
-        return self._store(b"add", key, value, expire, False)
+        return self._store(b"add", key, value, expire, False) is None
 
     def store_why(self, command, key, value, expire):
         """``add`` (or ``set``) saying why a value was not stored: see ``_store``."""
-        return self._store(command, key, value, expire, command == b"set", why=True)
+        return self._store(command, key, value, expire, command == b"set")
 
     def set_many(self, mapping, expire):
         """Store every item; return the keys that were not stored."""
